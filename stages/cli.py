@@ -1,0 +1,113 @@
+"""`medpipe <stage>`: one Typer command per DVC stage, each reading its own params sections.
+
+The whole params file is validated first (exit code 2 on any bad key, before anything is
+written); then the stage's `run()` receives only its own section objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from stages.params import PARAMS_FILE, Params, ParamsError, describe_params, load_params
+
+app = typer.Typer(
+    help="Reproducible medical-image classification: one command per DVC stage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold patient data
+)
+ParamsOption = typer.Option(PARAMS_FILE, "--params", "-p", help="params.yaml to read.")
+
+
+def _params(path: Path) -> Params:
+    try:
+        return load_params(path)
+    except ParamsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _run(step: Callable[[], str]) -> None:
+    """Run a stage; input errors become one clear line and exit code 1, not a traceback."""
+    try:
+        summary = step()
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(summary)
+
+
+@app.command()
+def download(params_file: Path = ParamsOption) -> None:
+    """Fetch or generate the dataset into data/raw (manifest.csv + dataset.json)."""
+    from stages import download as stage
+
+    p = _params(params_file)
+    _run(lambda: stage.run(p.data))
+
+
+@app.command()
+def split(params_file: Path = ParamsOption) -> None:
+    """Split data/raw by patient into data/split/{train,val,test}.csv."""
+    from stages import split as stage
+
+    p = _params(params_file)
+    _run(lambda: stage.run(p.split))
+
+
+@app.command()
+def preprocess(params_file: Path = ParamsOption) -> None:
+    """Crop, equalise and resize every split into uint8 arrays in data/processed."""
+    from stages import preprocess as stage
+
+    p = _params(params_file)
+    _run(lambda: stage.run(p.preprocess))
+
+
+@app.command()
+def train(params_file: Path = ParamsOption) -> None:
+    """Train the model; write models/model.pt and metrics/train.json."""
+    from stages import train as stage
+
+    p = _params(params_file)
+    _run(lambda: stage.run(p.model, p.train, p.augment))
+
+
+@app.command()
+def evaluate(params_file: Path = ParamsOption) -> None:
+    """Score the model on the test split; write metrics/evaluate.json and plots."""
+    from stages import evaluate as stage
+
+    p = _params(params_file)
+    _run(lambda: stage.run(p.evaluate))
+
+
+@app.command()
+def embed(params_file: Path = ParamsOption) -> None:
+    """t-SNE/PCA map of the test set's penultimate features."""
+    from stages import embed as stage
+
+    p = _params(params_file)
+    _run(lambda: stage.run(p.embed))
+
+
+@app.command()
+def report(params_file: Path = ParamsOption) -> None:
+    """Build reports/report.html from the metrics and plots of the other stages."""
+    from stages import report as stage
+
+    p = _params(params_file)
+    _run(lambda: stage.run(p, params_file))
+
+
+@app.command("params")
+def show_params(params_file: Path = ParamsOption) -> None:
+    """Validate params.yaml and list every key with its default and meaning."""
+    if params_file.exists():
+        _params(params_file)
+    width = max(len(k) for k, _, _ in describe_params())
+    for key, default, doc in describe_params():
+        typer.echo(f"{key:<{width}}  {doc} [default {default}]")

@@ -1,0 +1,74 @@
+"""embed stage: 2-D map (t-SNE or PCA) of the model's penultimate features on the test set."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+from sklearn.metrics import silhouette_score
+
+from stages.io import read_processed, write_csv, write_json
+from stages.models import load_checkpoint, predict, select_device
+from stages.params import EmbedParams
+
+PROCESSED_DIR = Path("data/processed")
+MODEL_FILE = Path("models/model.pt")
+METRICS_FILE = Path("metrics/embed.json")
+EMBEDDING_FILE = Path("plots/embed/embedding.csv")
+
+
+def stratified_subsample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
+    """Sorted row indices: at most `max_points`, each class kept in proportion (at least one)."""
+    if len(labels) <= max_points:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for k in np.unique(labels):
+        rows = np.flatnonzero(labels == k)
+        n = max(1, round(len(rows) * max_points / len(labels)))
+        keep.append(rng.choice(rows, min(n, len(rows)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def embed_features(features: np.ndarray, params: EmbedParams) -> np.ndarray:
+    """(N, D) features -> (N, 2) coordinates."""
+    if params.method == "pca" or len(features) < 5:
+        return PCA(n_components=2, random_state=params.seed).fit_transform(features)
+    reduced = features
+    if features.shape[1] > 50:  # the usual PCA-50 first: faster and less noisy t-SNE
+        reduced = PCA(n_components=min(50, len(features)), random_state=params.seed).fit_transform(
+            features)
+    perplexity = min(params.perplexity, (len(features) - 1) / 3)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=params.seed,
+                max_iter=1000).fit_transform(reduced)
+
+
+def run(params: EmbedParams, processed_dir: Path = PROCESSED_DIR, model_file: Path = MODEL_FILE,
+        metrics_file: Path = METRICS_FILE, embedding_file: Path = EMBEDDING_FILE) -> str:
+    start = time.perf_counter()
+    device = select_device("auto")
+    model, meta = load_checkpoint(model_file, device)
+    images, frame, _ = read_processed(processed_dir, "test")
+    rows = stratified_subsample(frame["y"].to_numpy(), params.max_points, params.seed)
+    subset = np.asarray(images[rows])
+    features = predict(model, subset, meta, 256, device, features=True)
+    probs = predict(model, subset, meta, 256, device)
+    coords = embed_features(features, params)
+    y = frame["y"].to_numpy()[rows]
+    classes = np.array(meta["classes"])
+    silhouette = (float(silhouette_score(coords, y)) if 1 < len(np.unique(y)) < len(y)
+                  else float("nan"))
+    pred = probs.argmax(axis=1)
+    table = pd.DataFrame({"x": coords[:, 0].round(4), "y": coords[:, 1].round(4),
+                          "label": classes[y], "predicted": classes[pred], "correct": pred == y,
+                          "image": frame["image"].to_numpy()[rows]})
+    write_csv(embedding_file, table)
+    write_json(metrics_file, {"silhouette": round(silhouette, 4), "n_points": len(rows),
+                              "method": params.method})
+    return (f"embed: {params.method} of {len(rows):,} test images "
+            f"({features.shape[1]}-d features), silhouette {silhouette:.3f} "
+            f"in {time.perf_counter() - start:.1f} s")

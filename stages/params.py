@@ -1,0 +1,281 @@
+"""The params.yaml schema: every knob, its type, range and meaning.
+
+`dvc exp run -S` rewrites params.yaml and drops comments, so the documentation of each key
+lives here (field descriptions) and is printed by `medpipe params`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+SYNTHETIC_CLASSES = ("normal", "bacterial", "viral")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or does not match the schema."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticParams(Section):
+    n_patients: int = Field(1000, ge=6, le=1_000_000, description="Patients to generate.")
+    classes: tuple[str, ...] = Field(
+        SYNTHETIC_CLASSES,
+        min_length=2,
+        description="Classes to generate, a subset of normal, bacterial, viral (in that order).",
+    )
+    prevalence: tuple[float, ...] = Field(
+        (0.27, 0.48, 0.25),
+        description="Share of patients per class, same order as classes (Kermany-like default).",
+    )
+    image_size: tuple[int, int] = Field(
+        (200, 320), description="Min and max side of the generated images in pixels."
+    )
+    difficulty: float = Field(
+        0.5, ge=0.0, le=1.0, description="0 = obvious lesions, 1 = faint lesions and heavy noise."
+    )
+    seed: int = Field(0, description="Seed of the generator; same seed, same images.")
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [c for c in value if c not in SYNTHETIC_CLASSES]
+        if unknown or len(set(value)) != len(value):
+            raise ValueError(f"classes must be distinct names from {list(SYNTHETIC_CLASSES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> SyntheticParams:
+        if len(self.prevalence) != len(self.classes):
+            raise ValueError(
+                f"prevalence has {len(self.prevalence)} values but classes has "
+                f"{len(self.classes)}; give one share per class"
+            )
+        if any(p <= 0 for p in self.prevalence):
+            raise ValueError("prevalence values must all be > 0")
+        lo, hi = self.image_size
+        if not 64 <= lo <= hi <= 2048:
+            raise ValueError("image_size must be [min, max] with 64 <= min <= max <= 2048")
+        return self
+
+
+class DataParams(Section):
+    source: Literal["synthetic", "npz"] = Field(
+        "synthetic",
+        description="synthetic: embedded chest-radiograph phantoms (offline); "
+        "npz: a local MedMNIST-format file given by data.path.",
+    )
+    path: str | None = Field(None, description="Input file for source npz.")
+    synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
+
+    @model_validator(mode="after")
+    def _path_given(self) -> DataParams:
+        if self.source == "npz" and not self.path:
+            raise ValueError("source npz needs data.path (a MedMNIST-format .npz file)")
+        return self
+
+
+class SplitParams(Section):
+    strategy: Literal["patient", "image", "official"] = Field(
+        "patient",
+        description="patient: grouped by patient (no leakage); image: per image (leaks when "
+        "patients have several images; explicit choice only); official: keep the source's splits.",
+    )
+    val: float = Field(0.15, gt=0.0, lt=0.5, description="Share of patients for validation.")
+    test: float = Field(0.15, gt=0.0, lt=0.5, description="Share of patients for test.")
+    undersample: Literal["none", "majority", "ratio"] = Field(
+        "none",
+        description="Training split only: majority cuts every class to the smallest class; "
+        "ratio cuts every class to split.ratio x the smallest class.",
+    )
+    ratio: float = Field(1.5, ge=1.0, description="Cap per class as a multiple of the smallest.")
+    max_per_class: int | None = Field(
+        None, ge=1, description="Optional cap of training images per class."
+    )
+    seed: int = Field(0, description="Seed of the split and of undersampling.")
+
+
+class PreprocessParams(Section):
+    size: int = Field(64, ge=16, le=1024, description="Side of the square stored images (px).")
+    crop_borders: bool = Field(True, description="Crop black borders (bounding box of content).")
+    border_threshold: int = Field(
+        12, ge=0, le=254, description="Pixels at or below this value count as border."
+    )
+    equalize: Literal["none", "global", "clahe"] = Field(
+        "clahe", description="Histogram equalisation: none, global, or CLAHE (OpenCV)."
+    )
+    clahe_clip: float = Field(2.0, gt=0.0, le=40.0, description="CLAHE clip limit.")
+    clahe_grid: int = Field(8, ge=1, le=64, description="CLAHE tiles per side.")
+    blur: float = Field(0.0, ge=0.0, le=10.0, description="Gaussian blur sigma in px (0 = off).")
+    channels: Literal[1, 3] = Field(1, description="Stored channels: 1 (gray) or 3 (RGB).")
+
+
+class AugmentParams(Section):
+    rotation: float = Field(7.0, ge=0.0, le=180.0, description="Max random rotation (degrees).")
+    crop_scale: float = Field(
+        0.85, gt=0.0, le=1.0, description="Min area share of RandomResizedCrop (1 = no crop)."
+    )
+    hflip: float = Field(
+        0.0, ge=0.0, le=1.0, description="Horizontal flip probability (0: keeps laterality)."
+    )
+    brightness: float = Field(0.15, ge=0.0, le=1.0, description="Brightness jitter.")
+    contrast: float = Field(0.15, ge=0.0, le=1.0, description="Contrast jitter.")
+    autocontrast: float = Field(0.0, ge=0.0, le=1.0, description="RandomAutocontrast prob.")
+    sharpness: float = Field(0.0, ge=0.0, le=1.0, description="RandomAdjustSharpness prob.")
+    policy: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
+        "none", description="Automatic augmentation policy applied after the above."
+    )
+
+
+class ModelParams(Section):
+    name: str = Field("resnet18", description="timm model name (see timm.list_models()).")
+    pretrained: bool = Field(False, description="Start from pretrained weights.")
+    weights: str | None = Field(None, description="Path of a state dict for pretrained weights.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+    freeze_epochs: int = Field(
+        0, ge=0, description="Epochs to train only the classifier head before unfreezing."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        import timm  # deferred: importing timm takes a second
+
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"unknown timm model {name!r}{hint} (valid names: timm.list_models(), "
+                "e.g. resnet18, resnet34, efficientnet_b0, mobilenetv3_large_100, densenet121)"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _weights_need_pretrained(self) -> ModelParams:
+        if self.weights and not self.pretrained:
+            raise ValueError("model.weights is set but model.pretrained is false; set it to true")
+        return self
+
+
+class TrainParams(Section):
+    epochs: int = Field(15, ge=1, le=10_000, description="Maximum epochs.")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Images per batch.")
+    lr: float = Field(0.002, gt=0.0, le=10.0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimiser.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    weight_decay: float = Field(0.05, ge=0.0, le=1.0, description="Weight decay.")
+    scheduler: Literal["cosine", "step", "exponential", "none"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up (per epoch)."
+    )
+    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs.")
+    step_size: int = Field(5, ge=1, description="Epochs between decays for the step scheduler.")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="Decay factor of step/exponential.")
+    class_weights: Literal["none", "balanced"] = Field(
+        "balanced", description="Loss weights: balanced = inverse class frequency in train."
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing.")
+    patience: int = Field(
+        6, ge=1, description="Stop after this many epochs without improvement of monitor."
+    )
+    monitor: Literal[
+        "val_loss", "val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"
+    ] = Field("val_f1_macro", description="Validation metric for early stopping and best epoch.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto = CUDA, then MPS, then CPU."
+    )
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    seed: int = Field(0, description="Seed of weights init, sampling and augmentation.")
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(256, ge=1, description="Images per batch.")
+    bootstrap: int = Field(
+        1000, ge=0, le=100_000, description="Bootstrap resamples for 95% CIs (0 = off)."
+    )
+    seed: int = Field(0, description="Seed of the bootstrap.")
+
+
+class EmbedParams(Section):
+    method: Literal["tsne", "pca"] = Field("tsne", description="2-D embedding method.")
+    perplexity: float = Field(30.0, gt=1.0, le=200.0, description="t-SNE perplexity.")
+    max_points: int = Field(1000, ge=10, description="Stratified subsample of the test set.")
+    seed: int = Field(0, description="Seed of subsampling and t-SNE.")
+
+
+class Params(Section):
+    data: DataParams = Field(default_factory=DataParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    embed: EmbedParams = Field(default_factory=EmbedParams)
+
+
+def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
+    """One line per pydantic error: dotted key, problem, and the valid choices where known."""
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section: Any = model
+        for part in err["loc"][:-1]:
+            section = section.model_fields[str(part)].annotation
+        valid = ", ".join(section.model_fields)
+        close = difflib.get_close_matches(str(err["loc"][-1]), list(section.model_fields), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{loc}: unknown key{hint}; valid keys here: {valid}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_params(raw: Any, origin: str = "params") -> Params:
+    """Validate a loaded params mapping; raise ParamsError naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_format_error(e, Params) for e in exc.errors()]
+        raise ParamsError(f"{origin}: invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the project root or pass "
+                          "--params PATH)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, str(path))
+
+
+def describe_params(model: type[BaseModel] = Params, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf key, for `medpipe params`."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_params(ann, key + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((key, repr(default), field.description or ""))
+    return rows
