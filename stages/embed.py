@@ -41,14 +41,21 @@ def embed_features(features: np.ndarray, params: EmbedParams) -> np.ndarray:
     reduced = features
     if features.shape[1] > 50:  # the usual PCA-50 first: faster and less noisy t-SNE
         reduced = PCA(n_components=min(50, len(features)), random_state=params.seed).fit_transform(
-            features)
+            features
+        )
     perplexity = min(params.perplexity, (len(features) - 1) / 3)
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=params.seed,
-                max_iter=1000).fit_transform(reduced)
+    return TSNE(
+        n_components=2, perplexity=perplexity, init="pca", random_state=params.seed, max_iter=1000
+    ).fit_transform(reduced)
 
 
-def run(params: EmbedParams, processed_dir: Path = PROCESSED_DIR, model_file: Path = MODEL_FILE,
-        metrics_file: Path = METRICS_FILE, embedding_file: Path = EMBEDDING_FILE) -> str:
+def run(
+    params: EmbedParams,
+    processed_dir: Path = PROCESSED_DIR,
+    model_file: Path = MODEL_FILE,
+    metrics_file: Path = METRICS_FILE,
+    embedding_file: Path = EMBEDDING_FILE,
+) -> str:
     start = time.perf_counter()
     device = select_device("auto")
     model, meta = load_checkpoint(model_file, device)
@@ -60,15 +67,27 @@ def run(params: EmbedParams, processed_dir: Path = PROCESSED_DIR, model_file: Pa
     coords = embed_features(features, params)
     y = frame["y"].to_numpy()[rows]
     classes = np.array(meta["classes"])
-    silhouette = (float(silhouette_score(coords, y)) if 1 < len(np.unique(y)) < len(y)
-                  else float("nan"))
+    silhouette = (
+        float(silhouette_score(coords, y)) if 1 < len(np.unique(y)) < len(y) else float("nan")
+    )
     pred = probs.argmax(axis=1)
-    table = pd.DataFrame({"x": coords[:, 0].round(4), "y": coords[:, 1].round(4),
-                          "label": classes[y], "predicted": classes[pred], "correct": pred == y,
-                          "image": frame["image"].to_numpy()[rows]})
+    table = pd.DataFrame(
+        {
+            "x": coords[:, 0].round(4),
+            "y": coords[:, 1].round(4),
+            "label": classes[y],
+            "predicted": classes[pred],
+            "correct": pred == y,
+            "image": frame["image"].to_numpy()[rows],
+        }
+    )
     write_csv(embedding_file, table)
-    write_json(metrics_file, {"silhouette": round(silhouette, 4), "n_points": len(rows),
-                              "method": params.method})
-    return (f"embed: {params.method} of {len(rows):,} test images "
-            f"({features.shape[1]}-d features), silhouette {silhouette:.3f} "
-            f"in {time.perf_counter() - start:.1f} s")
+    write_json(
+        metrics_file,
+        {"silhouette": round(silhouette, 4), "n_points": len(rows), "method": params.method},
+    )
+    return (
+        f"embed: {params.method} of {len(rows):,} test images "
+        f"({features.shape[1]}-d features), silhouette {silhouette:.3f} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )

@@ -116,7 +116,8 @@ def save_npz(path: Path | str, arrays: dict[str, np.ndarray], compress: bool = F
 
 
 @lru_cache(maxsize=8)
-def _open_npz(path: str) -> Any:
+def _open_npz(path: str, mtime_ns: int) -> Any:
+    """Open array files once per process; the mtime in the key drops stale handles."""
     return np.load(path, allow_pickle=False)
 
 
@@ -134,7 +135,7 @@ def read_image(root: Path | str, ref: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found (manifest entry {ref!r})")
     if key:
-        arrays = _open_npz(str(path))
+        arrays = _open_npz(str(path.resolve()), path.stat().st_mtime_ns)
         if "/" in key:
             split, index = key.split("/", 1)
             return np.asarray(arrays[f"{split}_images"][int(index)])
@@ -157,11 +158,14 @@ def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, p
     frame = read_csv(processed_dir / f"{split}.csv", required=("image", "label"))
     images = np.load(processed_dir / f"{split}_images.npy", mmap_mode="r")
     if len(images) != len(frame):
-        raise ValueError(f"{processed_dir}: {split} has {len(images)} images but "
-                         f"{len(frame)} index rows; rerun `medpipe preprocess`")
+        raise ValueError(
+            f"{processed_dir}: {split} has {len(images)} images but "
+            f"{len(frame)} index rows; rerun `medpipe preprocess`"
+        )
     lookup = {name: k for k, name in enumerate(meta["classes"])}
     unknown = sorted(set(frame["label"]) - set(lookup))
     if unknown:
-        raise ValueError(f"{processed_dir}/{split}.csv: labels {unknown} not in classes "
-                         f"{meta['classes']}")
+        raise ValueError(
+            f"{processed_dir}/{split}.csv: labels {unknown} not in classes {meta['classes']}"
+        )
     return images, frame.assign(y=frame["label"].map(lookup)), meta

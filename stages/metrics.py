@@ -29,12 +29,15 @@ def summarize(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         return {
             "accuracy": float(skm.accuracy_score(y_true, y_pred)),
             "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
-            "f1_macro": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro",
-                                           zero_division=0)),
-            "precision_macro": float(skm.precision_score(y_true, y_pred, labels=labels,
-                                                         average="macro", zero_division=0)),
-            "recall_macro": float(skm.recall_score(y_true, y_pred, labels=labels,
-                                                   average="macro", zero_division=0)),
+            "f1_macro": float(
+                skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+            ),
+            "precision_macro": float(
+                skm.precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+            ),
+            "recall_macro": float(
+                skm.recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+            ),
             "kappa": float(skm.cohen_kappa_score(y_true, y_pred, labels=labels)),
             "roc_auc": roc_auc(y_true, probs),
         }
@@ -49,18 +52,29 @@ def per_class(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict
     table = {}
     for k, name in enumerate(classes):
         positives = y_true == k
-        auc = (float(skm.roc_auc_score(positives, probs[:, k]))
-               if 0 < positives.sum() < len(y_true) else float("nan"))
-        table[name] = {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
-                       "support": int(s[k]), "roc_auc": auc}
+        auc = (
+            float(skm.roc_auc_score(positives, probs[:, k]))
+            if 0 < positives.sum() < len(y_true)
+            else float("nan")
+        )
+        table[name] = {
+            "precision": float(p[k]),
+            "recall": float(r[k]),
+            "f1": float(f[k]),
+            "support": int(s[k]),
+            "roc_auc": auc,
+        }
     return table
 
 
 def bootstrap_ci(
-    y_true: np.ndarray, probs: np.ndarray, n_resamples: int, seed: int,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    n_resamples: int,
+    seed: int,
     keys: tuple[str, ...] = SUMMARY_KEYS,
 ) -> dict[str, list[float]]:
-    """Percentile 95% intervals of `keys` over test-set resamples (images drawn with replacement)."""
+    """Percentile 95% intervals of `keys` over resamples of the test images (with replacement)."""
     rng = np.random.default_rng(seed)
     n = len(y_true)
     draws: dict[str, list[float]] = {k: [] for k in keys}
@@ -69,5 +83,8 @@ def bootstrap_ci(
         values = summarize(y_true[idx], probs[idx])
         for k in keys:
             draws[k].append(values[k])
-    return {k: np.nanpercentile(v, [2.5, 97.5]).round(4).tolist()
-            for k, v in draws.items() if not np.all(np.isnan(v))}
+    return {
+        k: np.nanpercentile(v, [2.5, 97.5]).round(4).tolist()
+        for k, v in draws.items()
+        if not np.all(np.isnan(v))
+    }

@@ -38,8 +38,11 @@ def build_model(params: ModelParams, num_classes: int, in_chans: int) -> nn.Modu
     Pretrained weights come from `model.weights` (a local file; timm adapts the first conv
     to `in_chans` and drops a mismatched head) or timm's own cache/hub.
     """
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans,
-                              "drop_rate": params.dropout}
+    kwargs: dict[str, Any] = {
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "drop_rate": params.dropout,
+    }
     if not params.pretrained:
         return timm.create_model(params.name, pretrained=False, **kwargs)
     if params.weights:
@@ -64,7 +67,7 @@ def normalize(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
 
 def to_tensor_batch(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, C) uint8 array -> (B, C, H, W) uint8 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # copy: memmaps are read-only
 
 
 def save_checkpoint(path: Path | str, model: nn.Module, meta: dict[str, Any]) -> None:
@@ -81,8 +84,12 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         raise FileNotFoundError(f"{path}: model checkpoint not found (run `medpipe train`)")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     meta = blob["meta"]
-    model = timm.create_model(meta["model_name"], pretrained=False,
-                              num_classes=len(meta["classes"]), in_chans=meta["channels"])
+    model = timm.create_model(
+        meta["model_name"],
+        pretrained=False,
+        num_classes=len(meta["classes"]),
+        in_chans=meta["channels"],
+    )
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), meta
 
@@ -94,7 +101,11 @@ def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, images: np.ndarray, meta: dict, batch_size: int, device: torch.device,
+    model: nn.Module,
+    images: np.ndarray,
+    meta: dict,
+    batch_size: int,
+    device: torch.device,
     features: bool = False,
 ) -> np.ndarray:
     """Softmax probabilities (N, K), or penultimate features (N, D) when `features`."""

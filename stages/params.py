@@ -86,10 +86,11 @@ class DataParams(Section):
 
 
 class SplitParams(Section):
-    strategy: Literal["patient", "image", "official"] = Field(
-        "patient",
-        description="patient: grouped by patient (no leakage); image: per image (leaks when "
-        "patients have several images; explicit choice only); official: keep the source's splits.",
+    strategy: Literal["auto", "patient", "image", "official"] = Field(
+        "auto",
+        description="auto: official when the source defines splits for every image (MedMNIST), "
+        "else patient; patient: grouped by patient (no leakage); official: keep the source's "
+        "splits; image: per image (leaks when patients have several images; explicit only).",
     )
     val: float = Field(0.15, gt=0.0, lt=0.5, description="Share of patients for validation.")
     test: float = Field(0.15, gt=0.0, lt=0.5, description="Share of patients for test.")
@@ -258,8 +259,9 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"{path}: params file not found (run from the project root or pass "
-                          "--params PATH)")
+        raise ParamsError(
+            f"{path}: params file not found (run from the project root or pass --params PATH)"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -267,7 +269,9 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     return parse_params(raw, str(path))
 
 
-def describe_params(model: type[BaseModel] = Params, prefix: str = "") -> list[tuple[str, str, str]]:
+def describe_params(
+    model: type[BaseModel] = Params, prefix: str = ""
+) -> list[tuple[str, str, str]]:
     """(dotted key, default, description) for every leaf key, for `medpipe params`."""
     rows = []
     for name, field in model.model_fields.items():

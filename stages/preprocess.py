@@ -90,13 +90,18 @@ def process_split(
 ) -> None:
     """Stream one split into `<split>_images.npy` (N, S, S, C) and, if any, `_masks.npy`."""
     n, s = len(frame), params.size
-    images = np.lib.format.open_memmap(out / f"{split}_images.npy", "w+", np.uint8,
-                                       (n, s, s, params.channels))
+    images = np.lib.format.open_memmap(
+        out / f"{split}_images.npy", "w+", np.uint8, (n, s, s, params.channels)
+    )
     has_masks = "mask" in frame and (frame["mask"] != "").any()
-    masks = (np.lib.format.open_memmap(out / f"{split}_masks.npy", "w+", np.uint8, (n, s, s))
-             if has_masks else None)
-    for i, row in enumerate(tqdm(frame.itertuples(index=False), total=n, desc=split,
-                                 leave=False, mininterval=2)):
+    masks = (
+        np.lib.format.open_memmap(out / f"{split}_masks.npy", "w+", np.uint8, (n, s, s))
+        if has_masks
+        else None
+    )
+    for i, row in enumerate(
+        tqdm(frame.itertuples(index=False), total=n, desc=split, leave=False, mininterval=2)
+    ):
         raw_mask = read_image(raw_dir, row.mask) if has_masks and row.mask else None
         img, mask = prepare_image(read_image(raw_dir, row.image), params, raw_mask)
         images[i] = img
@@ -106,8 +111,14 @@ def process_split(
     del images, masks  # close the memory maps before the directory is renamed
 
 
-def save_samples(frame: pd.DataFrame, raw_dir: Path, path: Path, params: PreprocessParams,
-                 per_class: int = 2, height: int = 160) -> None:
+def save_samples(
+    frame: pd.DataFrame,
+    raw_dir: Path,
+    path: Path,
+    params: PreprocessParams,
+    per_class: int = 2,
+    height: int = 160,
+) -> None:
     """One PNG: rows of (raw | preprocessed) pairs, `per_class` images of each class."""
     picks = frame.groupby("label", sort=True).head(per_class)
     tiles = []
@@ -123,8 +134,13 @@ def save_samples(frame: pd.DataFrame, raw_dir: Path, path: Path, params: Preproc
     Image.fromarray(np.vstack(rows)).save(path)
 
 
-def run(params: PreprocessParams, raw_dir: Path = RAW_DIR, split_dir: Path = SPLIT_DIR,
-        out_dir: Path = OUT_DIR, samples_dir: Path = SAMPLES_DIR) -> str:
+def run(
+    params: PreprocessParams,
+    raw_dir: Path = RAW_DIR,
+    split_dir: Path = SPLIT_DIR,
+    out_dir: Path = OUT_DIR,
+    samples_dir: Path = SAMPLES_DIR,
+) -> str:
     start = time.perf_counter()
     card = read_json(raw_dir / "dataset.json")
     frames = {s: read_csv(split_dir / f"{s}.csv", required=("image", "label")) for s in SPLITS}
@@ -134,17 +150,22 @@ def run(params: PreprocessParams, raw_dir: Path = RAW_DIR, split_dir: Path = SPL
             frame.assign(index=range(len(frame))).to_csv(out / f"{split}.csv", index=False)
         train = np.load(out / "train_images.npy", mmap_mode="r")
         sample = train[:: max(1, len(train) // 512)].astype(np.float32) / 255
-        write_json(out / "meta.json", {
-            "classes": card["classes"],
-            "task": card["task"],
-            "dataset": card["name"],
-            "preprocess": params.model_dump(),
-            "mean": sample.mean(axis=(0, 1, 2)).round(4).tolist(),
-            "std": sample.std(axis=(0, 1, 2)).round(4).tolist(),
-        })
+        write_json(
+            out / "meta.json",
+            {
+                "classes": card["classes"],
+                "task": card["task"],
+                "dataset": card["name"],
+                "preprocess": params.model_dump(),
+                "mean": sample.mean(axis=(0, 1, 2)).round(4).tolist(),
+                "std": sample.std(axis=(0, 1, 2)).round(4).tolist(),
+            },
+        )
         del train
     with atomic_dir(samples_dir) as tmp:
         save_samples(frames["train"], raw_dir, tmp / "samples.png", params)
     n = sum(len(f) for f in frames.values())
-    return (f"preprocess: {n:,} images -> {out_dir} ({params.size} px, {params.channels} ch, "
-            f"equalize {params.equalize}) in {time.perf_counter() - start:.1f} s")
+    return (
+        f"preprocess: {n:,} images -> {out_dir} ({params.size} px, {params.channels} ch, "
+        f"equalize {params.equalize}) in {time.perf_counter() - start:.1f} s"
+    )

@@ -56,8 +56,15 @@ def undersample(
     return frame.loc[sorted(keep)]
 
 
+def resolve_strategy(manifest: pd.DataFrame, strategy: str) -> str:
+    """`auto` -> official when every row has a source split, else patient."""
+    if strategy != "auto":
+        return strategy
+    return "official" if manifest["source_split"].isin(SPLITS).all() else "patient"
+
+
 def assign_splits(manifest: pd.DataFrame, params: SplitParams) -> pd.Series:
-    """Split column for the chosen strategy."""
+    """Split column for the chosen strategy (`auto` already resolved)."""
     if params.strategy == "patient":
         return split_by_patient(manifest, params.val, params.test, params.seed)
     if params.strategy == "image":
@@ -77,7 +84,9 @@ def assign_splits(manifest: pd.DataFrame, params: SplitParams) -> pd.Series:
     return official
 
 
-def audit(splits: dict[str, pd.DataFrame], before: dict[str, pd.DataFrame], classes: list[str]) -> dict:
+def audit(
+    splits: dict[str, pd.DataFrame], before: dict[str, pd.DataFrame], classes: list[str]
+) -> dict:
     """Counts per split and the leakage check, for metrics/split.json."""
     patients = {s: set(f["patient_id"]) for s, f in splits.items()}
     overlap = set()
@@ -95,20 +104,29 @@ def audit(splits: dict[str, pd.DataFrame], before: dict[str, pd.DataFrame], clas
     return report
 
 
-def run(params: SplitParams, raw_dir: Path = RAW_DIR, out_dir: Path = SPLIT_DIR,
-        metrics_file: Path = METRICS_FILE) -> str:
+def run(
+    params: SplitParams,
+    raw_dir: Path = RAW_DIR,
+    out_dir: Path = SPLIT_DIR,
+    metrics_file: Path = METRICS_FILE,
+) -> str:
     start = time.perf_counter()
     manifest = read_csv(raw_dir / "manifest.csv", required=MANIFEST_COLUMNS)
     classes = read_json(raw_dir / "dataset.json")["classes"]
+    strategy = resolve_strategy(manifest, params.strategy)
+    params = params.model_copy(update={"strategy": strategy})
     column = assign_splits(manifest, params)
     before = {s: manifest[column == s] for s in SPLITS}
     empty = [s for s in SPLITS if before[s].empty]
     if empty:
-        raise ValueError(f"split: {empty} would be empty ({len(manifest)} images); use more "
-                         "data or larger split.val/split.test")
+        raise ValueError(
+            f"split: {empty} would be empty ({len(manifest)} images); use more "
+            "data or larger split.val/split.test"
+        )
     splits = dict(before)
-    splits["train"] = undersample(before["train"], params.undersample, params.ratio,
-                                  params.max_per_class, params.seed)
+    splits["train"] = undersample(
+        before["train"], params.undersample, params.ratio, params.max_per_class, params.seed
+    )
     report = audit(splits, before, classes)
     report["strategy"] = params.strategy
     if report["patient_overlap"] and params.strategy != "image":
@@ -116,8 +134,11 @@ def run(params: SplitParams, raw_dir: Path = RAW_DIR, out_dir: Path = SPLIT_DIR,
     for s in SPLITS:
         write_csv(out_dir / f"{s}.csv", splits[s])
     write_json(metrics_file, report)
-    sizes = ", ".join(f"{s} {report[s]['n_images']:,} ({report[s]['n_patients']:,} pts)"
-                      for s in SPLITS)
+    sizes = ", ".join(
+        f"{s} {report[s]['n_images']:,} ({report[s]['n_patients']:,} pts)" for s in SPLITS
+    )
     warn = " WARNING: image-level split, patients leak" if report["patient_overlap"] else ""
-    return (f"split: {params.strategy}: {sizes}; patient overlap "
-            f"{report['patient_overlap']} in {time.perf_counter() - start:.1f} s{warn}")
+    return (
+        f"split: {params.strategy}: {sizes}; patient overlap "
+        f"{report['patient_overlap']} in {time.perf_counter() - start:.1f} s{warn}"
+    )

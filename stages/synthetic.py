@@ -92,7 +92,7 @@ def sample_lesion(
     rng: np.random.Generator, label: str, anatomy: Anatomy, difficulty: float
 ) -> Lesion:
     """Draw a patient's disease; `difficulty` lowers the floor of severity."""
-    floor = 0.55 - 0.5 * difficulty
+    floor = 0.7 - 0.6 * difficulty
     severity = 0.0 if label == "normal" else float(rng.uniform(floor, 1.0))
     side = int(rng.integers(0, 2))
     top, bottom = anatomy.lung_top, anatomy.lung_bottom[side]
@@ -123,14 +123,24 @@ def render_anatomy(a: Anatomy) -> tuple[np.ndarray, np.ndarray]:
     c = CANVAS
     att = np.full((c, c), 0.04, np.float32)
     body = np.zeros_like(att)
-    cv2.ellipse(body, (round(a.cx), round(0.62 * c)), (round(a.thorax_w), round(0.62 * c)),
-                0, 0, 360, 1.0, -1, cv2.LINE_AA)
+    cv2.ellipse(
+        body,
+        (round(a.cx), round(0.62 * c)),
+        (round(a.thorax_w), round(0.62 * c)),
+        0,
+        0,
+        360,
+        1.0,
+        -1,
+        cv2.LINE_AA,
+    )
     att += 0.46 * cv2.GaussianBlur(body, (0, 0), 6)
     lungs = _lung_mask(a)
     heart = np.zeros_like(att)
     hx, hy, rx, ry = a.heart
-    cv2.ellipse(heart, (round(hx), round(hy)), (round(rx), round(ry)), -15, 0, 360, 1.0, -1,
-                cv2.LINE_AA)
+    cv2.ellipse(
+        heart, (round(hx), round(hy)), (round(rx), round(ry)), -15, 0, 360, 1.0, -1, cv2.LINE_AA
+    )
     lungs = np.clip(lungs - heart, 0, 1)
     att -= 0.3 * cv2.GaussianBlur(lungs, (0, 0), 2.5)
     att += 0.1 * cv2.GaussianBlur(heart, (0, 0), 3)
@@ -147,8 +157,9 @@ def render_anatomy(a: Anatomy) -> tuple[np.ndarray, np.ndarray]:
         for side in (-1, 1):  # posterior ribs: up from the spine, then down laterally
             x = a.cx + side * (0.04 * c + t * (a.thorax_w - 0.04 * c))
             y = y0 - 0.06 * c * t + 0.17 * c * t**2
-            cv2.polylines(bones, [np.int32(np.column_stack([x, y]) * 4)], False, 1.0, 3,
-                          cv2.LINE_AA, shift=2)
+            cv2.polylines(
+                bones, [np.int32(np.column_stack([x, y]) * 4)], False, 1.0, 3, cv2.LINE_AA, shift=2
+            )
     for side in (-1, 1):  # clavicles
         p0 = (round(a.cx + side * 0.04 * c), round(0.2 * c))
         p1 = (round(a.cx + side * 0.3 * c), round(0.12 * c))
@@ -174,8 +185,18 @@ def render_lesion(
         cx, cy = lesion.centre
         for dx, dy, rx, ry in lesion.lobes:
             centre = (round((cx + dx) * 4), round((cy + dy) * 4))
-            cv2.ellipse(blob, centre, (round(rx * 4), round(ry * 4)), float(rng.uniform(0, 180)),
-                        0, 360, 1.0, -1, cv2.LINE_AA, shift=2)
+            cv2.ellipse(
+                blob,
+                centre,
+                (round(rx * 4), round(ry * 4)),
+                float(rng.uniform(0, 180)),
+                0,
+                360,
+                1.0,
+                -1,
+                cv2.LINE_AA,
+                shift=2,
+            )
         rough = cv2.GaussianBlur(rng.standard_normal((c, c)).astype(np.float32), (0, 0), 3)
         blob = cv2.GaussianBlur(blob, (0, 0), 4) + 0.6 * rough
         region = (blob > 0.5).astype(np.float32) * (lungs > 0.5)
@@ -183,12 +204,14 @@ def render_lesion(
         return added, (region > 0).astype(np.uint8)
     # viral: bilateral reticular (net-like) pattern, perihilar and basal predominance
     noise = rng.standard_normal((c, c)).astype(np.float32)
-    band = cv2.GaussianBlur(noise, (0, 0), 1.6) - cv2.GaussianBlur(noise, (0, 0), 4.0)
+    band = cv2.GaussianBlur(noise, (0, 0), 2.2) - cv2.GaussianBlur(noise, (0, 0), 5.5)
     net = np.clip(1.0 - np.abs(band) / (band.std() * 0.6 + 1e-6), 0, 1)
     yy, xx = np.mgrid[0:c, 0:c].astype(np.float32) / c
-    envelope = np.clip(0.35 + 1.2 * (yy - 0.35), 0, 1) * (0.6 + 0.8 * np.exp(-((xx - 0.5) / 0.22) ** 2))
+    envelope = np.clip(0.35 + 1.2 * (yy - 0.35), 0, 1) * (
+        0.6 + 0.8 * np.exp(-(((xx - 0.5) / 0.22) ** 2))
+    )
     envelope = np.clip(envelope, 0, 1) * cv2.GaussianBlur(lungs, (0, 0), 3)
-    added = severity * envelope * (0.14 * net + 0.06)
+    added = severity * envelope * (0.22 * net + 0.08)
     return added.astype(np.float32), (envelope > 0.45).astype(np.uint8)
 
 
@@ -223,12 +246,22 @@ def acquire(
     if rng.uniform() < 0.7:  # burned-in side marker
         text = "L" if rng.uniform() < 0.5 else "R"
         x = int(rng.uniform(0.05, 0.15) * w) if rng.uniform() < 0.5 else int(0.85 * w)
-        cv2.putText(img, text, (x, int(0.12 * h)), cv2.FONT_HERSHEY_SIMPLEX, h / 300, 255,
-                    max(1, h // 150), cv2.LINE_AA)
+        cv2.putText(
+            img,
+            text,
+            (x, int(0.12 * h)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            h / 300,
+            255,
+            max(1, h // 150),
+            cv2.LINE_AA,
+        )
     return img, out_mask
 
 
-def generate(params: SyntheticParams) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pd.DataFrame]:
+def generate(
+    params: SyntheticParams,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pd.DataFrame]:
     """Generate the whole dataset.
 
     Returns:

@@ -1,0 +1,283 @@
+"""report stage: one self-contained HTML page (Plotly inlined once, images embedded).
+
+Every user-controlled string (class names, paths, params) goes through `html.escape`; the
+page loads nothing from the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from stages.io import atomic_path, read_csv, read_json, safe_name
+from stages.params import Params
+
+REPORT_FILE = Path("reports/report.html")
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;
+padding:0 24px 48px;color:#1f2933;line-height:1.45}
+h1{margin-top:28px}h2{border-bottom:1px solid #d9e2ec;padding-bottom:4px;margin-top:36px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
+td,th{border:1px solid #d9e2ec;padding:4px 10px;text-align:right}
+th{background:#f0f4f8}td:first-child,th:first-child{text-align:left}
+.meta{color:#52606d;font-size:14px}.grid{display:grid;grid-template-columns:1fr 1fr;gap:12px}
+pre{background:#f5f7fa;padding:12px;overflow:auto;font-size:13px}
+.ok{color:#207b3c;font-weight:600}.bad{color:#b42318;font-weight:600}
+img{max-width:100%}
+"""
+
+
+class Page:
+    """Collects sections; inlines plotly.js with the first figure only."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.toc: list[tuple[str, str]] = []
+        self._plotly_included = False
+
+    def section(self, anchor: str, title: str) -> None:
+        self.toc.append((anchor, title))
+        self.parts.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
+
+    def add(self, markup: str) -> None:
+        self.parts.append(markup)
+
+    def figure(self, fig: go.Figure, div_id: str) -> None:
+        fig.update_layout(margin={"l": 40, "r": 20, "t": 40, "b": 40}, template="plotly_white")
+        self.parts.append(
+            fig.to_html(
+                full_html=False,
+                include_plotlyjs=not self._plotly_included,
+                div_id=div_id,
+                config={"displaylogo": False},
+            )
+        )
+        self._plotly_included = True
+
+
+def table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
+    """HTML table with escaped cells."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = []
+    for row in frame.itertuples(index=False):
+        cells = "".join(
+            f"<td>{html.escape(floats.format(v) if isinstance(v, float) else str(v))}</td>"
+            for v in row
+        )
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def image_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def environment() -> str:
+    import dvc
+    import timm
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"timm {timm.__version__}, dvc {dvc.__version__}, {device}"
+    )
+
+
+def data_section(page: Page, card: dict, split: dict) -> None:
+    page.section("data", "Data")
+    page.add(
+        f"<p>{html.escape(card.get('description', ''))} — "
+        f"{card['n_images']:,} images of {card['n_patients']:,} patients; task "
+        f"{html.escape(card['task'])}; licence {html.escape(card.get('license') or 'n/a')}.</p>"
+    )
+    rows = []
+    for s in ("train", "val", "test"):
+        for c in card["classes"]:
+            rows.append((s, c, split[s]["class_counts_before"][c], split[s]["class_counts"][c]))
+    frame = pd.DataFrame(rows, columns=["split", "class", "images", "after undersampling"])
+    page.add(table(frame))
+    patients = ", ".join(f"{s} {split[s]['n_patients']:,}" for s in ("train", "val", "test"))
+    overlap = split["patient_overlap"]
+    verdict = (
+        '<span class="ok">no patient in two splits</span>'
+        if overlap == 0
+        else f'<span class="bad">{overlap} patient(s) in two splits</span>'
+    )
+    page.add(
+        f"<p>Patients per split: {patients}. Leakage audit ({html.escape(split['strategy'])}"
+        f" split): {verdict}.</p>"
+    )
+
+
+def training_section(page: Page, history: pd.DataFrame, train: dict) -> None:
+    page.section("training", "Training")
+    page.add(
+        f"<p>{train['epochs_run']} epochs, best epoch {train['best_epoch']}, "
+        f"{train['images_per_second']:.0f} images/s on {html.escape(str(train['device']))}, "
+        f"{train['train_seconds']:.0f} s.</p>"
+    )
+    loss = go.Figure()
+    for col in ("train_loss", "val_loss"):
+        loss.add_scatter(x=history["epoch"], y=history[col], name=col, mode="lines+markers")
+    loss.update_layout(title="Loss", xaxis_title="epoch", height=340)
+    scores = go.Figure()
+    for col in ("val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"):
+        scores.add_scatter(x=history["epoch"], y=history[col], name=col, mode="lines+markers")
+    scores.update_layout(title="Validation metrics", xaxis_title="epoch", height=340)
+    page.add('<div class="grid"><div>')
+    page.figure(loss, "loss-curve")
+    page.add("</div><div>")
+    page.figure(scores, "val-curve")
+    page.add("</div></div>")
+
+
+def results_section(
+    page: Page, result: dict, confusion: pd.DataFrame, classes: list[str], roc_dir: Path
+) -> None:
+    page.section("results", "Test results")
+    ci = result.get("ci", {})
+    rows = [
+        (k, result[k], *(ci.get(k) or ("", "")))
+        for k in (
+            "accuracy",
+            "balanced_accuracy",
+            "f1_macro",
+            "precision_macro",
+            "recall_macro",
+            "kappa",
+            "roc_auc",
+        )
+    ]
+    page.add(f"<p>{result['n_test']:,} test images; 95% bootstrap intervals.</p>")
+    page.add(table(pd.DataFrame(rows, columns=["metric", "value", "CI low", "CI high"])))
+    per_class = pd.DataFrame(
+        [(c, *result["per_class"][c].values()) for c in classes],
+        columns=["class", *next(iter(result["per_class"].values())).keys()],
+    )
+    page.add(table(per_class))
+    counts = pd.crosstab(confusion["actual"], confusion["predicted"]).reindex(
+        index=classes, columns=classes, fill_value=0
+    )
+    heat = px.imshow(
+        counts.to_numpy(),
+        x=classes,
+        y=classes,
+        text_auto=True,
+        color_continuous_scale="Blues",
+        labels={"x": "predicted", "y": "actual"},
+    )
+    heat.update_layout(title="Confusion matrix", height=380)
+    roc = go.Figure()
+    for c in classes:
+        path = roc_dir / f"{safe_name(c)}.csv"
+        if path.is_file():
+            curve = pd.read_csv(path)
+            auc = result["per_class"][c]["roc_auc"]
+            roc.add_scatter(x=curve["fpr"], y=curve["tpr"], name=f"{c} (AUC {auc:.3f})")
+    roc.add_scatter(x=[0, 1], y=[0, 1], name="chance", line={"dash": "dot", "color": "#999"})
+    roc.update_layout(
+        title="ROC (one vs rest)",
+        xaxis_title="false positive rate",
+        yaxis_title="true positive rate",
+        height=380,
+    )
+    page.add('<div class="grid"><div>')
+    page.figure(heat, "confusion")
+    page.add("</div><div>")
+    page.figure(roc, "roc")
+    page.add("</div></div>")
+
+
+def embedding_section(page: Page, embedding: pd.DataFrame, embed: dict) -> None:
+    page.section("embedding", "Feature map")
+    page.add(
+        f"<p>{html.escape(embed['method'])} of the penultimate features of "
+        f"{embed['n_points']:,} test images; silhouette by true label "
+        f"{embed['silhouette']:.3f}. Crosses are misclassified.</p>"
+    )
+    fig = px.scatter(
+        embedding,
+        x="x",
+        y="y",
+        color="label",
+        symbol=embedding["correct"].map({True: "correct", False: "wrong"}),
+        symbol_map={"correct": "circle", "wrong": "x"},
+        hover_data={"label": True, "predicted": True, "image": True, "x": False, "y": False},
+    )
+    fig.update_traces(marker={"size": 6, "opacity": 0.8})
+    fig.update_layout(height=520, legend_title_text="")
+    page.figure(fig, "tsne")
+
+
+def render(page: Page, title: str, header: str) -> str:
+    toc = " · ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in page.toc)
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+        f'<h1>{html.escape(title)}</h1><p class="meta">{header}</p><p>{toc}</p>'
+        f"{''.join(page.parts)}</body></html>"
+    )
+
+
+def run(params: Params, params_file: Path, report_file: Path = REPORT_FILE) -> str:
+    start = time.perf_counter()
+    card = read_json("data/raw/dataset.json")
+    classes = card["classes"]
+    result = read_json("metrics/evaluate.json")
+    raw_params = Path(params_file).read_text()
+    page = Page()
+    data_section(page, card, read_json("metrics/split.json"))
+    page.section("preprocessing", "Preprocessing")
+    p = params.preprocess
+    page.add(
+        f"<p>Border crop {p.crop_borders}, equalisation {html.escape(p.equalize)}, "
+        f"blur {p.blur}, resized to {p.size} x {p.size}, {p.channels} channel(s). "
+        "Each row: raw image | stored input.</p>"
+    )
+    page.add(image_tag(Path("plots/preprocess/samples.png"), "samples before and after"))
+    training_section(page, read_csv("plots/train/history.csv"), read_json("metrics/train.json"))
+    results_section(
+        page, result, read_csv("plots/evaluate/confusion.csv"), classes, Path("plots/evaluate/roc")
+    )
+    embedding_section(page, read_csv("plots/embed/embedding.csv"), read_json("metrics/embed.json"))
+    page.section("params", "Parameters")
+    page.add(f"<pre>{html.escape(raw_params)}</pre>")
+    digest = hashlib.sha256(raw_params.encode()).hexdigest()[:12]
+    header = html.escape(
+        f"{card['name']} · {params.model.name} · commit {git_commit()} · params {digest} · "
+        f"{environment()} · {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+    title = f"medpipe report — {card['name']}, {params.model.name}"
+    with atomic_path(report_file) as tmp:
+        tmp.write_text(render(page, title, header), encoding="utf-8")
+    size_mb = report_file.stat().st_size / 1e6
+    return (
+        f"report: {report_file} ({size_mb:.1f} MB, accuracy {result['accuracy']:.3f}, "
+        f"F1 {result['f1_macro']:.3f}) in {time.perf_counter() - start:.1f} s"
+    )

@@ -1,0 +1,64 @@
+"""Shared fixtures: a shrunken params set (tiny data, 1-2 epochs, CPU) and project dirs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import Params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)  # where `medpipe` and `dvc` live
+
+TINY = {
+    "data": {"synthetic": {"n_patients": 60, "image_size": [64, 96], "seed": 1}},
+    "preprocess": {"size": 32},
+    "model": {"name": "resnet10t"},
+    "train": {"epochs": 2, "batch_size": 16, "patience": 2, "warmup_epochs": 0},
+    "evaluate": {"batch_size": 64, "bootstrap": 50},
+    "embed": {"max_points": 60, "perplexity": 5.0},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge two params mappings (override wins)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+@pytest.fixture
+def tiny_params() -> Params:
+    return parse_params(TINY)
+
+
+def write_params(path: Path, override: dict | None = None) -> Path:
+    """Full params.yaml (defaults + TINY + override), plain YAML as `dvc exp run -S` keeps it."""
+    full = merge(Params().model_dump(mode="json"), merge(TINY, override or {}))
+    path.write_text(yaml.safe_dump(full, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the test inside an empty directory (stages use relative paths)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: this interpreter's bin first on PATH, quiet DVC."""
+    env = dict(os.environ)
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("GIT_AUTHOR_NAME", "medpipe-test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@example.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "medpipe-test")
+    env.setdefault("GIT_COMMITTER_EMAIL", "test@example.invalid")
+    return env

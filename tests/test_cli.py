@@ -1,0 +1,126 @@
+"""One CLI test per stage, run in order on a tiny synthetic project in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stages.cli import app
+from tests.conftest import write_params
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("project")
+
+
+def invoke(project: Path, stage: str, monkeypatch) -> str:
+    monkeypatch.chdir(project)
+    if not (project / "params.yaml").exists():
+        write_params(project / "params.yaml")
+    result = runner.invoke(app, [stage])
+    assert result.exit_code == 0, result.output
+    summary = [line for line in result.stdout.splitlines() if line.startswith(f"{stage}:")]
+    assert len(summary) == 1, result.output  # one summary line per stage
+    return summary[0]
+
+
+def test_download(project, monkeypatch):
+    line = invoke(project, "download", monkeypatch)
+    assert "images of 60 patients" in line
+    manifest = pd.read_csv(project / "data/raw/manifest.csv")
+    assert list(manifest.columns[:4]) == ["image", "label", "patient_id", "source_split"]
+    card = json.loads((project / "data/raw/dataset.json").read_text())
+    assert card["classes"] == ["normal", "bacterial", "viral"] and card["task"] == "multiclass"
+
+
+def test_split(project, monkeypatch):
+    invoke(project, "split", monkeypatch)
+    audit = json.loads((project / "metrics/split.json").read_text())
+    assert audit["patient_overlap"] == 0
+    total = sum(audit[s]["n_images"] for s in ("train", "val", "test"))
+    assert total == len(pd.read_csv(project / "data/raw/manifest.csv"))
+
+
+def test_preprocess(project, monkeypatch):
+    invoke(project, "preprocess", monkeypatch)
+    images = np.load(project / "data/processed/train_images.npy")
+    assert images.shape[1:] == (32, 32, 1) and images.dtype == np.uint8
+    assert (project / "plots/preprocess/samples.png").stat().st_size > 1000
+    assert (project / "data/processed/test_masks.npy").exists()
+
+
+def test_train(project, monkeypatch):
+    line = invoke(project, "train", monkeypatch)
+    assert "resnet10t" in line
+    blob = torch.load(project / "models/model.pt", weights_only=True)
+    meta = blob["meta"]
+    assert meta["classes"] == ["normal", "bacterial", "viral"]
+    assert meta["model_name"] == "resnet10t" and meta["input_size"] == 32
+    assert meta["preprocess"]["equalize"] == "clahe"
+    summary = json.loads((project / "metrics/train.json").read_text())
+    assert {
+        "best_epoch",
+        "epochs_run",
+        "best_val_f1_macro",
+        "train_seconds",
+        "images_per_second",
+    } <= set(summary)
+    history = pd.read_csv(project / "plots/train/history.csv")
+    assert list(history["epoch"]) == list(range(1, summary["epochs_run"] + 1))
+
+
+def test_evaluate(project, monkeypatch):
+    invoke(project, "evaluate", monkeypatch)
+    result = json.loads((project / "metrics/evaluate.json").read_text())
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "f1_macro",
+        "precision_macro",
+        "recall_macro",
+        "kappa",
+        "roc_auc",
+        "n_test",
+        "per_class",
+        "ci",
+    ):
+        assert key in result
+    confusion = pd.read_csv(project / "plots/evaluate/confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert len(confusion) == result["n_test"]
+    assert (project / "plots/evaluate/roc/normal.csv").exists()
+
+
+def test_embed(project, monkeypatch):
+    invoke(project, "embed", monkeypatch)
+    table = pd.read_csv(project / "plots/embed/embedding.csv")
+    assert {"x", "y", "label", "predicted"} <= set(table.columns)
+    assert -1 <= json.loads((project / "metrics/embed.json").read_text())["silhouette"] <= 1
+
+
+def test_report(project, monkeypatch):
+    line = invoke(project, "report", monkeypatch)
+    page = (project / "reports/report.html").read_text()
+    assert "MB" in line
+    for anchor in ("data", "preprocessing", "training", "results", "embedding", "params"):
+        assert f'id="{anchor}"' in page
+    assert page.count("plotly.js v") == 1  # the library is inlined once
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"https?:", page)  # offline
+
+
+def test_stage_without_inputs_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1
+    assert "models/model.pt: model checkpoint not found" in result.output

@@ -1,0 +1,90 @@
+"""End to end: real `dvc repro` and `dvc exp run` in a temporary git repo on shrunken params."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, write_params
+
+pytestmark = pytest.mark.slow
+STAGES = ("download", "split", "preprocess", "train", "evaluate", "embed", "report")
+
+
+def sh(cwd: Path, env: dict, *cmd: str) -> str:
+    done = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def ran(output: str) -> set[str]:
+    """Stages DVC says it ran (its own words, not a guess)."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("repo")
+    shutil.copytree(ROOT / "stages", path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, path / name)
+    write_params(path / "params.yaml")
+    return path
+
+
+@pytest.fixture(scope="module")
+def env() -> dict:
+    import os
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        env[key] = "medpipe-test"
+    for key in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        env[key] = "test@example.invalid"
+    return env
+
+
+def test_repro_runs_every_stage_then_nothing(repo, env):
+    sh(repo, env, "git", "init", "-q", "-b", "main")
+    sh(repo, env, "dvc", "init", "-q")
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-qm", "init")
+    out = sh(repo, env, "dvc", "repro")
+    assert ran(out) == set(STAGES)
+    for stage in STAGES:  # every stage printed its one summary line
+        assert re.search(rf"^{stage}: ", out, re.M), stage
+    result = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert 0 <= result["accuracy"] <= 1
+    assert (repo / "reports/report.html").exists()
+    again = sh(repo, env, "dvc", "repro")
+    assert ran(again) == set()
+    assert "up to date" in again
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-qm", "baseline")
+
+
+def test_lr_experiment_reruns_only_training_and_after(repo, env):
+    out = sh(repo, env, "dvc", "exp", "run", "-S", "train.lr=0.005")
+    assert ran(out) == {"train", "evaluate", "embed", "report"}
+    diff = sh(repo, env, "dvc", "params", "diff")
+    assert "train.lr" in diff and "0.005" in diff
+    shown = json.loads(sh(repo, env, "dvc", "exp", "show", "--json"))
+    assert len(shown) >= 1 and "experiments" in json.dumps(shown)
+    metrics_diff = sh(repo, env, "dvc", "metrics", "diff", "--all")
+    assert "metrics/evaluate.json" in metrics_diff
+
+
+def test_preprocess_experiment_reruns_from_preprocess(repo, env):
+    sh(repo, env, "git", "checkout", "-q", "--", "params.yaml")
+    out = sh(repo, env, "dvc", "exp", "run", "-S", "preprocess.size=24")
+    assert ran(out) == {"preprocess", "train", "evaluate", "embed", "report"}

@@ -1,0 +1,102 @@
+import json
+
+import pandas as pd
+import pytest
+
+from stages import split
+from stages.params import SplitParams
+
+
+def make_manifest(n_patients=60, per_patient=2, labels=("a", "a", "a", "b", "c")) -> pd.DataFrame:
+    rows = []
+    for p in range(n_patients):
+        for s in range(per_patient):
+            rows.append((f"img{p}_{s}.png", labels[p % len(labels)], f"p{p}", ""))
+    return pd.DataFrame(rows, columns=["image", "label", "patient_id", "source_split"])
+
+
+def test_patient_split_has_no_overlap_and_keeps_every_class():
+    manifest = make_manifest()
+    column = split.split_by_patient(manifest, 0.2, 0.2, seed=0)
+    per_patient = manifest.assign(split=column).groupby("patient_id")["split"].nunique()
+    assert (per_patient == 1).all()
+    for s in ("train", "val", "test"):
+        assert set(manifest[column == s]["label"]) == {"a", "b", "c"}
+    assert abs((column == "test").mean() - 0.2) < 0.07
+
+
+def test_split_is_seeded():
+    manifest = make_manifest()
+    a = split.split_by_patient(manifest, 0.2, 0.2, seed=0)
+    assert a.equals(split.split_by_patient(manifest, 0.2, 0.2, seed=0))
+    assert not a.equals(split.split_by_patient(manifest, 0.2, 0.2, seed=1))
+
+
+@pytest.mark.parametrize(
+    ("how", "ratio", "cap", "expected"),
+    [
+        ("majority", 1.0, None, {"a": 24, "b": 24, "c": 24}),
+        ("ratio", 2.0, None, {"a": 48, "b": 24, "c": 24}),
+        ("none", 1.0, 30, {"a": 30, "b": 24, "c": 24}),
+        ("none", 1.0, None, {"a": 72, "b": 24, "c": 24}),
+    ],
+)
+def test_undersample(how, ratio, cap, expected):
+    frame = make_manifest()
+    out = split.undersample(frame, how, ratio, cap, seed=0)
+    assert out["label"].value_counts().to_dict() == expected
+    assert out.index.is_monotonic_increasing
+
+
+def test_official_strategy_keeps_source_and_carves_val_by_patient():
+    manifest = make_manifest()
+    manifest["source_split"] = ["test" if i % 5 == 0 else "train" for i in range(len(manifest))]
+    column = split.assign_splits(manifest, SplitParams(strategy="official", val=0.2))
+    assert (column[manifest["source_split"] == "test"] == "test").all()
+    assert set(column[manifest["source_split"] == "train"]) == {"train", "val"}
+
+
+def test_official_strategy_without_source_split_is_an_error():
+    with pytest.raises(ValueError, match="source_split"):
+        split.assign_splits(make_manifest(), SplitParams(strategy="official"))
+
+
+def write_raw(raw_dir, manifest):
+    raw_dir.mkdir(parents=True)
+    manifest.to_csv(raw_dir / "manifest.csv", index=False)
+    (raw_dir / "dataset.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+
+
+def test_run_writes_splits_and_audit(tmp_path):
+    write_raw(tmp_path / "raw", make_manifest())
+    line = split.run(
+        SplitParams(undersample="majority"),
+        tmp_path / "raw",
+        tmp_path / "split",
+        tmp_path / "split.json",
+    )
+    audit = json.loads((tmp_path / "split.json").read_text())
+    assert audit["patient_overlap"] == 0
+    assert audit["train"]["class_counts"]["a"] == audit["train"]["class_counts"]["b"]
+    assert audit["train"]["class_counts_before"]["a"] > audit["train"]["class_counts"]["a"]
+    assert audit["test"]["class_counts"] == audit["test"]["class_counts_before"]
+    assert "patient overlap 0" in line
+    assert len(pd.read_csv(tmp_path / "split" / "train.csv")) == audit["train"]["n_images"]
+
+
+def test_image_strategy_reports_leakage(tmp_path):
+    write_raw(tmp_path / "raw", make_manifest(per_patient=3))
+    line = split.run(
+        SplitParams(strategy="image"), tmp_path / "raw", tmp_path / "split", tmp_path / "split.json"
+    )
+    audit = json.loads((tmp_path / "split.json").read_text())
+    assert audit["patient_overlap"] > 0
+    assert "WARNING" in line
+
+
+def test_auto_strategy_uses_official_splits_only_when_all_rows_have_one():
+    manifest = make_manifest()
+    assert split.resolve_strategy(manifest, "auto") == "patient"
+    manifest["source_split"] = "train"
+    assert split.resolve_strategy(manifest, "auto") == "official"
+    assert split.resolve_strategy(manifest, "image") == "image"
