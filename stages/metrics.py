@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 from sklearn import metrics as skm
+from tqdm import tqdm
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
 
@@ -78,7 +79,7 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     n = len(y_true)
     draws: dict[str, list[float]] = {k: [] for k in keys}
-    for _ in range(n_resamples):
+    for _ in tqdm(range(n_resamples), desc="bootstrap", leave=False, mininterval=1):
         idx = rng.integers(0, n, n)
         values = summarize(y_true[idx], probs[idx])
         for k in keys:

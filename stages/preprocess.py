@@ -116,22 +116,35 @@ def save_samples(
     raw_dir: Path,
     path: Path,
     params: PreprocessParams,
-    per_class: int = 2,
-    height: int = 160,
+    per_class: int = 3,
+    height: int = 128,
 ) -> None:
-    """One PNG: rows of (raw | preprocessed) pairs, `per_class` images of each class."""
-    picks = frame.groupby("label", sort=True).head(per_class)
-    tiles = []
-    for row in picks.itertuples(index=False):
-        raw = to_uint8(read_image(raw_dir, row.image), 1)
-        raw = cv2.resize(raw, (round(raw.shape[1] * height / raw.shape[0]), height))
-        done, _ = prepare_image(read_image(raw_dir, row.image), params)
-        done = cv2.resize(to_uint8(done, 1), (height, height), interpolation=cv2.INTER_NEAREST)
-        tiles.append(np.hstack([raw, np.full((height, 4), 255, np.uint8), done]))
-    width = max(t.shape[1] for t in tiles)
-    rows = [np.pad(t, ((0, 4), (0, width - t.shape[1]))) for t in tiles]
+    """One PNG, a row per class: `per_class` (raw | preprocessed) pairs, class name on top."""
+    rows = []
+    for label, group in frame.groupby("label", sort=True):
+        tiles = []
+        for ref in group["image"].head(per_class):
+            raw = to_uint8(read_image(raw_dir, ref), 1)
+            raw = cv2.resize(raw, (height, height), interpolation=cv2.INTER_AREA)
+            done, _ = prepare_image(read_image(raw_dir, ref), params)
+            done = cv2.resize(to_uint8(done, 1), (height, height), interpolation=cv2.INTER_NEAREST)
+            tiles += [
+                raw,
+                np.full((height, 2), 255, np.uint8),
+                done,
+                np.zeros((height, 12), np.uint8),
+            ]
+        strip = np.hstack(tiles)
+        caption = np.zeros((22, strip.shape[1]), np.uint8)
+        cv2.putText(
+            caption, str(label)[:40], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 1, cv2.LINE_AA
+        )
+        rows.append(np.vstack([caption, strip]))
+    width = max(r.shape[1] for r in rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.vstack(rows)).save(path)
+    Image.fromarray(np.vstack([np.pad(r, ((0, 6), (0, width - r.shape[1]))) for r in rows])).save(
+        path
+    )
 
 
 def run(

@@ -117,11 +117,19 @@ def data_section(page: Page, card: dict, split: dict) -> None:
         f"{html.escape(card['task'])}; licence {html.escape(card.get('license') or 'n/a')}.</p>"
     )
     rows = []
-    for s in ("train", "val", "test"):
-        for c in card["classes"]:
-            rows.append((s, c, split[s]["class_counts_before"][c], split[s]["class_counts"][c]))
-    frame = pd.DataFrame(rows, columns=["split", "class", "images", "after undersampling"])
-    page.add(table(frame))
+    for c in card["classes"]:
+        train = split["train"]
+        rows.append(
+            (
+                c,
+                train["class_counts_before"][c],
+                train["class_counts"][c],
+                split["val"]["class_counts"][c],
+                split["test"]["class_counts"][c],
+            )
+        )
+    columns = ["class", "train", "train after undersampling", "val", "test"]
+    page.add(table(pd.DataFrame(rows, columns=columns)))
     patients = ", ".join(f"{s} {split[s]['n_patients']:,}" for s in ("train", "val", "test"))
     overlap = split["patient_overlap"]
     verdict = (
@@ -258,7 +266,7 @@ def run(params: Params, params_file: Path, report_file: Path = REPORT_FILE) -> s
     page.add(
         f"<p>Border crop {p.crop_borders}, equalisation {html.escape(p.equalize)}, "
         f"blur {p.blur}, resized to {p.size} x {p.size}, {p.channels} channel(s). "
-        "Each row: raw image | stored input.</p>"
+        "Pairs of raw image | stored model input, a row per class.</p>"
     )
     page.add(image_tag(Path("plots/preprocess/samples.png"), "samples before and after"))
     training_section(page, read_csv("plots/train/history.csv"), read_json("metrics/train.json"))

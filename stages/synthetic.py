@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from stages.params import SyntheticParams
 
@@ -277,7 +278,7 @@ def generate(
             labels[rng.choice(params.n_patients, 2, replace=False)] = k
     images, masks, rows = {}, {}, []
     lo, hi = params.image_size
-    for pid, k in enumerate(labels):
+    for pid, k in enumerate(tqdm(labels, desc="phantoms", unit="patient", leave=False)):
         prng = np.random.default_rng([params.seed, pid])
         anatomy = sample_anatomy(prng)
         lesion = sample_lesion(prng, params.classes[k], anatomy, params.difficulty)

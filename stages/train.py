@@ -227,7 +227,9 @@ def run(
 ) -> str:
     start = time.perf_counter()
     torch.manual_seed(params.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     train_x, train_frame, meta = read_processed(processed_dir, "train")
     val_x, val_frame, _ = read_processed(processed_dir, "val")
     model = build_model(model_params, len(meta["classes"]), train_x.shape[3])
