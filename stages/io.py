@@ -162,10 +162,29 @@ def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, p
             f"{processed_dir}: {split} has {len(images)} images but "
             f"{len(frame)} index rows; rerun `medpipe preprocess`"
         )
-    lookup = {name: k for k, name in enumerate(meta["classes"])}
-    unknown = sorted(set(frame["label"]) - set(lookup))
-    if unknown:
-        raise ValueError(
-            f"{processed_dir}/{split}.csv: labels {unknown} not in classes {meta['classes']}"
-        )
-    return images, frame.assign(y=frame["label"].map(lookup)), meta
+    if meta.get("task") != "multilabel":  # multilabel targets: encode_labels(..., True)
+        try:
+            frame = frame.assign(y=encode_labels(frame["label"], meta["classes"], False))
+        except ValueError as exc:
+            raise ValueError(f"{processed_dir}/{split}.csv: {exc}") from None
+    return images, frame, meta
+
+
+LABEL_SEPARATOR = "|"
+
+
+def encode_labels(labels: pd.Series, classes: list[str], multilabel: bool) -> np.ndarray:
+    """Class names -> int indices (N,), or `|`-joined names -> multi-hot float32 (N, K)."""
+    lookup = {name: k for k, name in enumerate(classes)}
+    if not multilabel:
+        unknown = sorted(set(labels) - set(lookup))
+        if unknown:
+            raise ValueError(f"labels {unknown} not in classes {classes}")
+        return labels.map(lookup).to_numpy(dtype=np.int64)
+    out = np.zeros((len(labels), len(classes)), np.float32)
+    for i, value in enumerate(labels):
+        for name in filter(None, str(value).split(LABEL_SEPARATOR)):
+            if name not in lookup:
+                raise ValueError(f"label {name!r} not in classes {classes}")
+            out[i, lookup[name]] = 1.0
+    return out
