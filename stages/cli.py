@@ -103,6 +103,42 @@ def report(params_file: Path = ParamsOption) -> None:
     _run(lambda: stage.run(p, params_file))
 
 
+@app.command()
+def compare(
+    out: Path = typer.Option(Path("reports/compare.html"), help="HTML page to write."),
+    metric: str = typer.Option("f1_macro", help="Metric to compare (a key of evaluate.json)."),
+    param: str | None = typer.Option(None, help="Param for the x axis (default: first changed)."),
+) -> None:
+    """Compare DVC experiments on one page: table, metric vs param, curves, parallel plot."""
+    from stages import compare as stage
+
+    _run(lambda: stage.run(out, metric, param))
+
+
+@app.command("pr-summary")
+def pr_summary(
+    base: str = typer.Option("main", help="Git revision to compare against."),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Markdown of metrics/params diffs against BASE; exit 1 if report.gate_metric drops."""
+    from stages import review
+
+    p = _params(params_file)
+    try:
+        markdown, gate = review.summarize(Path("."), base, p.report)
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(markdown)
+    if not gate.passed:
+        typer.echo(
+            f"pr-summary: {gate.metric} dropped from {gate.old} to {gate.new}, more "
+            f"than report.gate_tolerance {gate.tolerance}",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
 @app.command("params")
 def show_params(params_file: Path = ParamsOption) -> None:
     """Validate params.yaml and list every key with its default and meaning."""

@@ -214,6 +214,17 @@ class EmbedParams(Section):
     seed: int = Field(0, description="Seed of subsampling and t-SNE.")
 
 
+class ReportParams(Section):
+    gate_metric: str = Field(
+        "f1_macro",
+        description="Metric `medpipe pr-summary` guards: a key of metrics/evaluate.json, or "
+        "file:key for another metrics file.",
+    )
+    gate_tolerance: float = Field(
+        0.02, ge=0.0, description="Largest tolerated drop of gate_metric against the base."
+    )
+
+
 class Params(Section):
     data: DataParams = Field(default_factory=DataParams)
     split: SplitParams = Field(default_factory=SplitParams)
@@ -223,6 +234,7 @@ class Params(Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     embed: EmbedParams = Field(default_factory=EmbedParams)
+    report: ReportParams = Field(default_factory=ReportParams)
 
 
 def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:

@@ -88,3 +88,17 @@ def test_preprocess_experiment_reruns_from_preprocess(repo, env):
     sh(repo, env, "git", "checkout", "-q", "--", "params.yaml")
     out = sh(repo, env, "dvc", "exp", "run", "-S", "preprocess.size=24")
     assert ran(out) == {"preprocess", "train", "evaluate", "embed", "report"}
+
+
+def test_compare_page_lists_both_experiments(repo, env):
+    out = sh(
+        repo, env, "medpipe", "compare", "--out", "reports/compare.html", "--param", "train.lr"
+    )
+    assert re.search(r"^compare: \d+ runs", out, re.M)
+    page = (repo / "reports/compare.html").read_text()
+    table = page[page.index('<table class="sortable">') : page.index("</table>")]
+    assert table.count("<tr><td>") >= 4  # workspace, baseline and the two experiments
+    assert "<td>0.005</td>" in table and "<td>0.002</td>" in table  # the lr ablation
+    assert "<td>24</td>" in table  # the preprocess.size experiment
+    for div in ("metric-vs-param", "val-curves", "parallel"):
+        assert f'id="{div}"' in page

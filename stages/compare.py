@@ -1,0 +1,173 @@
+"""`medpipe compare`: one page comparing DVC experiments (the seeds' ablation figures).
+
+Reads `dvc.api.exp_show()` (the same table as `dvc exp show`) and each experiment's
+plots/train/history.csv from git, then builds a sortable table of the params that differ and
+the main metrics, a metric-vs-param chart, overlaid validation curves and parallel coordinates.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from stages.io import atomic_path
+from stages.report import Page, render
+
+HISTORY_FILE = "plots/train/history.csv"
+MAIN_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click',
+() => { const body = th.closest('table').tBodies[0]; const asc = th.dataset.asc !== '1';
+th.dataset.asc = asc ? '1' : '0'; const key = r => { const t = r.cells[col].innerText;
+const n = parseFloat(t); return isNaN(n) ? t : n; };
+[...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : -1) * (asc ? 1 : -1))
+.forEach(r => body.appendChild(r)); }));
+"""
+
+
+def load_experiments(repo: Path | str = ".") -> pd.DataFrame:
+    """One row per experiment (baseline and workspace included), DVC's column names."""
+    import dvc.api
+
+    rows = [r for r in dvc.api.exp_show(repo=str(repo)) if r.get("State") != "Queued"]
+    if not rows:
+        raise ValueError(f"{repo}: no experiments found (run `dvc exp run` first)")
+    frame = pd.DataFrame(rows)
+    frame["name"] = frame["Experiment"].fillna(frame["rev"]).astype(str)
+    frame.loc[frame["rev"] == "workspace", "name"] = "workspace"
+    return frame
+
+
+def find_column(frame: pd.DataFrame, metric: str) -> str | None:
+    """DVC names a metric `key` or, when ambiguous, `file:key`: find either."""
+    for name in (metric, f"metrics/evaluate.json:{metric}"):
+        if name in frame.columns:
+            return name
+    return None
+
+
+def metric_column(frame: pd.DataFrame, metric: str) -> str:
+    column = find_column(frame, metric)
+    if column is None:
+        options = [c for c in frame.columns if c.split(":")[-1] in MAIN_METRICS]
+        raise ValueError(f"metric {metric!r} not in the experiments; try one of {options}")
+    return column
+
+
+def as_numbers(series: pd.Series) -> pd.Series | None:
+    """The column as floats, or None when any value is not a number."""
+    numbers = pd.to_numeric(series, errors="coerce")
+    return numbers if numbers.notna().all() else None
+
+
+def changed_params(frame: pd.DataFrame) -> list[str]:
+    """Params (dotted keys) whose values differ between experiments."""
+    params = [c for c in frame.columns if "." in c and ":" not in c and not c.startswith("metrics")]
+    return [c for c in params if frame[c].astype(str).nunique() > 1]
+
+
+def read_history(repo: Path, rev: str) -> pd.DataFrame | None:
+    """An experiment's per-epoch history from its git commit (the workspace from disk)."""
+    if rev == "workspace":
+        path = repo / HISTORY_FILE
+        return pd.read_csv(path) if path.is_file() else None
+    out = subprocess.run(
+        ["git", "show", f"{rev}:{HISTORY_FILE}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    return pd.read_csv(io.StringIO(out.stdout)) if out.returncode == 0 else None
+
+
+def experiment_table(frame: pd.DataFrame, params: list[str], metrics: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["experiment", *params, *metrics])
+    body = []
+    for _, row in frame.iterrows():
+        cells = [row["name"], *(row[p] for p in params), *(row[m] for m in metrics)]
+        body.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(f'{v:.4f}' if isinstance(v, float) else str(v))}</td>"
+                for v in cells
+            )
+            + "</tr>"
+        )
+    return (
+        f'<table class="sortable"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def build_page(frame: pd.DataFrame, repo: Path, metric: str, param: str | None) -> str:
+    page = Page()
+    metric_col = metric_column(frame, metric)
+    params = changed_params(frame)
+    metrics = [c for c in (find_column(frame, m) for m in MAIN_METRICS) if c]
+    page.section("experiments", "Experiments")
+    page.add(
+        f"<p>{len(frame)} runs; params that differ: "
+        f"{html.escape(', '.join(params) or 'none')}. Click a header to sort.</p>"
+    )
+    page.add(experiment_table(frame, params, metrics))
+    x = param or (params[0] if params else None)
+    if x is not None:
+        if x not in frame.columns:
+            raise ValueError(f"param {x!r} not in the experiments; changed params: {params}")
+        page.section("ablation", f"{metric} vs {x}")
+        data = frame.dropna(subset=[metric_col])
+        values = as_numbers(data[x])
+        # learning rates span decades: a log axis when a positive param does too
+        log_x = values is not None and (values > 0).all() and values.max() >= 10 * values.min()
+        if values is not None:
+            data = data.assign(**{x: values})
+        chart = px.scatter(data, x=x, y=metric_col, text="name", log_x=log_x)
+        chart.update_traces(textposition="top center", marker={"size": 10})
+        chart.update_layout(height=420, yaxis_title=metric)
+        page.figure(chart, "metric-vs-param")
+    page.section("curves", "Validation curves")
+    curves = go.Figure()
+    for _, row in frame.iterrows():
+        history = read_history(repo, str(row["rev"]))
+        if history is not None and "val_f1_macro" in history:
+            curves.add_scatter(
+                x=history["epoch"],
+                y=history["val_f1_macro"],
+                name=row["name"],
+                mode="lines+markers",
+            )
+    curves.update_layout(height=420, xaxis_title="epoch", yaxis_title="val_f1_macro")
+    page.figure(curves, "val-curves")
+    numeric_cols = [c for c in [*params, *metrics] if as_numbers(frame[c]) is not None]
+    if len(numeric_cols) >= 2:
+        page.section("parallel", "Parallel coordinates")
+        par = px.parallel_coordinates(frame[numeric_cols].apply(pd.to_numeric), color=metric_col)
+        par.update_layout(height=420)
+        page.figure(par, "parallel")
+    markup = render(page, "medpipe experiments", html.escape(f"{len(frame)} runs in {repo}"))
+    return markup.replace("</body>", f"<script>{SORT_JS}</script></body>")
+
+
+def run(
+    out: Path, metric: str = "f1_macro", param: str | None = None, repo: Path = Path(".")
+) -> str:
+    start = time.perf_counter()
+    frame = load_experiments(repo)
+    page = build_page(frame, repo, metric, param)
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    best = frame.loc[pd.to_numeric(frame[metric_column(frame, metric)], errors="coerce").idxmax()]
+    return (
+        f"compare: {len(frame)} runs -> {out}; best {metric} "
+        f"{float(best[metric_column(frame, metric)]):.4f} ({best['name']}) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
