@@ -116,8 +116,9 @@ def save_npz(path: Path | str, arrays: dict[str, np.ndarray], compress: bool = F
 
 
 @lru_cache(maxsize=8)
-def _open_npz(path: str, mtime_ns: int) -> Any:
-    """Open array files once per process; the mtime in the key drops stale handles."""
+def _open_npz(path: str, mtime_ns: int, pid: int) -> Any:
+    """Open array files once per process: the pid keeps forked workers off the parent's file
+    handle (a shared offset corrupts reads); the mtime drops stale handles."""
     return np.load(path, allow_pickle=False)
 
 
@@ -135,7 +136,7 @@ def read_image(root: Path | str, ref: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found (manifest entry {ref!r})")
     if key:
-        arrays = _open_npz(str(path.resolve()), path.stat().st_mtime_ns)
+        arrays = _open_npz(str(path.resolve()), path.stat().st_mtime_ns, os.getpid())
         if "/" in key:
             split, index = key.split("/", 1)
             return np.asarray(arrays[f"{split}_images"][int(index)])

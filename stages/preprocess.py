@@ -7,7 +7,12 @@ files applies exactly the same steps.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import multiprocessing.pool
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -23,6 +28,8 @@ RAW_DIR = Path("data/raw")
 SPLIT_DIR = Path("data/split")
 OUT_DIR = Path("data/processed")
 SAMPLES_DIR = Path("plots/preprocess")
+CHUNK = 128  # images per worker task
+PARALLEL_MIN_IMAGES = 1000  # below this, starting processes costs more than it saves
 MIN_CLAHE_TILE = 16  # px; smaller tiles amplify noise on low-resolution inputs
 
 
@@ -99,16 +106,58 @@ def process_split(
         if has_masks
         else None
     )
-    for i, row in enumerate(
-        tqdm(frame.itertuples(index=False), total=n, desc=split, leave=False, mininterval=2)
-    ):
-        raw_mask = read_image(raw_dir, row.mask) if has_masks and row.mask else None
-        img, mask = prepare_image(read_image(raw_dir, row.image), params, raw_mask)
-        images[i] = img
-        if masks is not None:
-            masks[i] = 0 if mask is None else mask
+    refs = list(zip(frame["image"], frame["mask"] if has_masks else [""] * n, strict=True))
+    chunks = [(raw_dir, refs[i : i + CHUNK], params) for i in range(0, n, CHUNK)]
+    bar = tqdm(total=n, desc=split, leave=False, mininterval=2)
+    with worker_pool(n) as pool:
+        start = 0
+        for chunk_images, chunk_masks in (pool.imap if pool else map)(prepare_chunk, chunks):
+            # results arrive in order and are written at once: memory holds ~workers chunks
+            stop = start + len(chunk_images)
+            images[start:stop] = chunk_images
+            if masks is not None:
+                masks[start:stop] = chunk_masks
+            bar.update(stop - start)
+            start = stop
+    bar.close()
     images.flush()
     del images, masks  # close the memory maps before the directory is renamed
+
+
+def prepare_chunk(
+    job: tuple[Path, list[tuple[str, str]], PreprocessParams],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Worker: prepare a list of (image ref, mask ref) into stacked arrays."""
+    raw_dir, refs, params = job
+    cv2.setNumThreads(1)  # one process per core already
+    s = params.size
+    images = np.empty((len(refs), s, s, params.channels), np.uint8)
+    masks = np.zeros((len(refs), s, s), np.uint8)
+    for i, (image_ref, mask_ref) in enumerate(refs):
+        raw_mask = read_image(raw_dir, mask_ref) if mask_ref else None
+        images[i], mask = prepare_image(read_image(raw_dir, image_ref), params, raw_mask)
+        if mask is not None:
+            masks[i] = mask
+    return images, masks
+
+
+@contextlib.contextmanager
+def worker_pool(n_images: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """A process per core for large splits; None (work in this process) for small ones."""
+    workers = min(available_cores(), -(-n_images // CHUNK))
+    if workers < 2 or n_images < PARALLEL_MIN_IMAGES:
+        yield None
+        return
+    # fork: workers inherit the imported modules (spawn would re-import torch in each)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield pool
+
+
+def available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def save_samples(

@@ -1,7 +1,8 @@
 import numpy as np
+import pandas as pd
 import pytest
 
-from stages import preprocess
+from stages import io, preprocess
 from stages.params import PreprocessParams
 
 
@@ -51,3 +52,30 @@ def test_to_uint8_scales_16_bit_and_converts_rgb():
     rgb = np.zeros((10, 10, 3), np.uint8)
     assert preprocess.to_uint8(rgb, 1).shape == (10, 10)
     assert preprocess.to_uint8(rgb[:, :, 0], 3).shape == (10, 10, 3)
+
+
+def test_parallel_preprocessing_matches_serial(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    arrays = {f"i{k}": rng.integers(0, 255, (70 + k % 9, 60), dtype=np.uint8) for k in range(300)}
+    masks = {
+        f"i{k}": (rng.random((70 + k % 9, 60)) > 0.9).astype(np.uint8) for k in range(0, 300, 3)
+    }
+    io.save_npz(tmp_path / "img.npz", arrays)
+    io.save_npz(tmp_path / "mask.npz", masks)
+    frame = pd.DataFrame(
+        {
+            "image": [f"img.npz#i{k}" for k in range(300)],
+            "mask": [f"mask.npz#i{k}" if k % 3 == 0 else "" for k in range(300)],
+        }
+    )
+    params = PreprocessParams(size=24)
+    monkeypatch.setattr(preprocess, "CHUNK", 40)
+    outputs = {}
+    for name, threshold in (("serial", 10**9), ("parallel", 1)):
+        monkeypatch.setattr(preprocess, "PARALLEL_MIN_IMAGES", threshold)
+        (tmp_path / name).mkdir()
+        preprocess.process_split(frame, tmp_path, tmp_path / name, "train", params)
+        outputs[name] = [np.load(tmp_path / name / f"train_{k}.npy") for k in ("images", "masks")]
+    for serial, parallel in zip(outputs["serial"], outputs["parallel"], strict=True):
+        assert np.array_equal(serial, parallel)
+    assert outputs["parallel"][1][0].any() and not outputs["parallel"][1][1].any()
