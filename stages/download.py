@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from stages import synthetic
-from stages.io import atomic_dir, save_npz, write_csv, write_json
+from stages.io import MANIFEST_COLUMNS, atomic_dir, npz_writer, write_csv, write_json
 from stages.params import DataParams
 
 RAW_DIR = Path("data/raw")
@@ -19,18 +19,22 @@ RAW_DIR = Path("data/raw")
 def build_synthetic(params: DataParams, out: Path) -> tuple[pd.DataFrame, dict]:
     """Generate the phantoms into `out`; return the manifest and dataset card."""
     syn = params.synthetic
-    images, masks, frame = synthetic.generate(syn)
-    save_npz(out / "images.npz", images)
-    save_npz(out / "masks.npz", masks, compress=True)  # mostly zeros
-    manifest = pd.DataFrame(
-        {
-            "image": "images.npz#" + frame["key"],
-            "label": frame["label"],
-            "patient_id": frame["patient_id"],
-            "source_split": "",
-            "mask": np.where(frame["has_mask"], "masks.npz#" + frame["key"], ""),
-        }
-    )
+    rows = []
+    # streamed into two array files: memory stays flat whatever n_patients is
+    with (
+        npz_writer(out / "images.npz") as add_image,
+        npz_writer(
+            out / "masks.npz",
+            compress=True,  # masks are mostly zeros
+        ) as add_mask,
+    ):
+        for ph in synthetic.iter_phantoms(syn):
+            add_image(ph.key, ph.image)
+            if ph.mask is not None:
+                add_mask(ph.key, ph.mask)
+            mask_ref = "" if ph.mask is None else f"masks.npz#{ph.key}"
+            rows.append((f"images.npz#{ph.key}", ph.label, ph.patient_id, "", mask_ref))
+    manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, "mask"])
     card = {
         "name": "synthetic-cxr",
         "source": "synthetic",

@@ -12,7 +12,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,28 @@ def read_csv(path: Path | str, required: tuple[str, ...] = ()) -> pd.DataFrame:
     return frame
 
 
+@contextlib.contextmanager
+def npz_writer(
+    path: Path | str, compress: bool = False
+) -> Iterator[Callable[[str, np.ndarray], None]]:
+    """Yield `add(name, array)` that streams arrays into an .npz (what np.load reads), so a
+    large set never sits in memory; the file appears atomically when the block ends.
+    Uncompressed by default: members are then read back without inflating."""
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", method, allowZip64=True) as archive:
+
+        def add(name: str, array: np.ndarray) -> None:
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+        yield add
+
+
 def save_npz(path: Path | str, arrays: dict[str, np.ndarray], compress: bool = False) -> None:
-    """Write an .npz atomically; uncompressed by default (read back without inflating)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        (np.savez_compressed if compress else np.savez)(fh, **arrays)
+    """Write a dict of arrays as an .npz atomically."""
+    with npz_writer(path, compress) as add:
+        for name, array in arrays.items():
+            add(name, array)
 
 
 @lru_cache(maxsize=8)

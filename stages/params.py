@@ -6,7 +6,11 @@ lives here (field descriptions) and is printed by `medpipe params`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
+import importlib.metadata
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +19,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PARAMS_FILE = Path("params.yaml")
 SYNTHETIC_CLASSES = ("normal", "bacterial", "viral")
+
+
+def cache_dir() -> Path:
+    """medpipe's cache: $MEDPIPE_CACHE, else $XDG_CACHE_HOME/medpipe, else ~/.cache/medpipe."""
+    if os.environ.get("MEDPIPE_CACHE"):
+        return Path(os.environ["MEDPIPE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medpipe"
+
+
+@functools.lru_cache(maxsize=1)
+def timm_model_names() -> frozenset[str]:
+    """timm's registry, cached on disk per timm version: every stage validates the whole
+    params file, and importing timm (and torch) just for that would cost seconds and ~1 GB."""
+    version = importlib.metadata.version("timm")
+    cached = cache_dir() / f"timm-{version}-models.txt"
+    with contextlib.suppress(OSError):
+        return frozenset(cached.read_text().split())
+    import timm
+
+    names = timm.list_models()
+    with contextlib.suppress(OSError):  # a read-only home only loses the speed-up
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("\n".join(names))
+        os.replace(tmp, cached)
+    return frozenset(names)
 
 
 class ParamsError(ValueError):
@@ -150,10 +180,9 @@ class ModelParams(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        import timm  # deferred: importing timm takes a second
-
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        names = timm_model_names()
+        if name.split(".")[0] not in names:  # `resnet18.a1_in1k`: a name with a weights tag
+            close = difflib.get_close_matches(name, sorted(names), n=5, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(
                 f"unknown timm model {name!r}{hint} (valid names: timm.list_models(), "

@@ -13,6 +13,7 @@ the acquired image, so a patient's anatomy stays fixed across studies.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -260,25 +261,36 @@ def acquire(
     return img, out_mask
 
 
-def generate(
-    params: SyntheticParams,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pd.DataFrame]:
-    """Generate the whole dataset.
+@dataclass(frozen=True)
+class Phantom:
+    """One generated study."""
 
-    Returns:
-        images {key: (H, W) uint8}, masks {key: (H, W) uint8, abnormal images only},
-        and a manifest frame (key, label, patient_id, study, has_mask).
-    """
+    key: str
+    label: str
+    patient_id: str
+    study: int
+    image: np.ndarray  # (H, W) uint8
+    mask: np.ndarray | None  # (H, W) uint8 lesion mask; None for normal studies
+
+
+def patient_labels(params: SyntheticParams) -> np.ndarray:
+    """Class index per patient, drawn with the given prevalence (>= 2 patients per class)."""
     rng = np.random.default_rng(params.seed)
     prevalence = np.asarray(params.prevalence) / np.sum(params.prevalence)
     labels = rng.choice(len(params.classes), size=params.n_patients, p=prevalence)
-    # every class gets at least two patients so that any split can hold it
-    for k in range(len(params.classes)):
+    for k in range(len(params.classes)):  # so that any split can hold every class
         if (labels == k).sum() < 2:
             labels[rng.choice(params.n_patients, 2, replace=False)] = k
-    images, masks, rows = {}, {}, []
+    return labels
+
+
+def iter_phantoms(params: SyntheticParams) -> Iterator[Phantom]:
+    """Yield every study, patient by patient; each patient has its own seeded generator, so
+    any patient can be regenerated alone and memory stays flat however many are asked for."""
     lo, hi = params.image_size
-    for pid, k in enumerate(tqdm(labels, desc="phantoms", unit="patient", leave=False)):
+    for pid, k in enumerate(
+        tqdm(patient_labels(params), desc="phantoms", unit="patient", leave=False, mininterval=2)
+    ):
         prng = np.random.default_rng([params.seed, pid])
         anatomy = sample_anatomy(prng)
         lesion = sample_lesion(prng, params.classes[k], anatomy, params.difficulty)
@@ -288,10 +300,30 @@ def generate(
             h = int(prng.integers(lo, hi + 1))
             w = int(np.clip(h * prng.uniform(0.85, 1.15), lo, hi))
             img, out_mask = acquire(base + added, mask, prng, (h, w), params.difficulty)
-            key = f"p{pid:06d}_s{study}"
-            images[key] = img
-            if lesion.label != "normal":
-                masks[key] = out_mask
-            rows.append((key, lesion.label, f"p{pid:06d}", study, lesion.label != "normal"))
+            yield Phantom(
+                f"p{pid:06d}_s{study}",
+                lesion.label,
+                f"p{pid:06d}",
+                study,
+                img,
+                None if lesion.label == "normal" else out_mask,
+            )
+
+
+def generate(
+    params: SyntheticParams,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pd.DataFrame]:
+    """The whole dataset in memory (for small sets and tests; the download stage streams).
+
+    Returns:
+        images {key: (H, W) uint8}, masks {key: (H, W) uint8, abnormal images only},
+        and a manifest frame (key, label, patient_id, study, has_mask).
+    """
+    images, masks, rows = {}, {}, []
+    for ph in iter_phantoms(params):
+        images[ph.key] = ph.image
+        if ph.mask is not None:
+            masks[ph.key] = ph.mask
+        rows.append((ph.key, ph.label, ph.patient_id, ph.study, ph.mask is not None))
     frame = pd.DataFrame(rows, columns=["key", "label", "patient_id", "study", "has_mask"])
     return images, masks, frame

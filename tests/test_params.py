@@ -83,3 +83,19 @@ def test_cli_params_lists_keys():
     result = CliRunner().invoke(app, ["params", "--params", str(ROOT / "params.yaml")])
     assert result.exit_code == 0
     assert "train.lr" in result.output and "Peak learning rate" in result.output
+
+
+def test_timm_names_are_cached_on_disk(tmp_path, monkeypatch):
+    from stages import params as module
+
+    monkeypatch.setenv("MEDPIPE_CACHE", str(tmp_path))
+    module.timm_model_names.cache_clear()
+    try:
+        names = module.timm_model_names()
+        cached = list(tmp_path.glob("timm-*-models.txt"))
+        assert len(cached) == 1 and "resnet18" in names
+        cached[0].write_text("only_this_model")  # proves the second call reads the file
+        module.timm_model_names.cache_clear()
+        assert module.timm_model_names() == frozenset({"only_this_model"})
+    finally:
+        module.timm_model_names.cache_clear()
