@@ -7,12 +7,7 @@ files applies exactly the same steps.
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
-import multiprocessing.pool
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -22,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.io import SPLITS, atomic_dir, read_csv, read_image, read_json, write_json
+from stages.parallel import ordered_map
 from stages.params import PreprocessParams
 
 RAW_DIR = Path("data/raw")
@@ -109,16 +105,15 @@ def process_split(
     refs = list(zip(frame["image"], frame["mask"] if has_masks else [""] * n, strict=True))
     chunks = [(raw_dir, refs[i : i + CHUNK], params) for i in range(0, n, CHUNK)]
     bar = tqdm(total=n, desc=split, leave=False, mininterval=2)
-    with worker_pool(n) as pool:
-        start = 0
-        for chunk_images, chunk_masks in (pool.imap if pool else map)(prepare_chunk, chunks):
-            # results arrive in order and are written at once: memory holds ~workers chunks
-            stop = start + len(chunk_images)
-            images[start:stop] = chunk_images
-            if masks is not None:
-                masks[start:stop] = chunk_masks
-            bar.update(stop - start)
-            start = stop
+    start = 0
+    for chunk_images, chunk_masks in ordered_map(prepare_chunk, chunks, n >= PARALLEL_MIN_IMAGES):
+        # results arrive in order and are written at once: memory holds ~workers chunks
+        stop = start + len(chunk_images)
+        images[start:stop] = chunk_images
+        if masks is not None:
+            masks[start:stop] = chunk_masks
+        bar.update(stop - start)
+        start = stop
     bar.close()
     images.flush()
     del images, masks  # close the memory maps before the directory is renamed
@@ -139,25 +134,6 @@ def prepare_chunk(
         if mask is not None:
             masks[i] = mask
     return images, masks
-
-
-@contextlib.contextmanager
-def worker_pool(n_images: int) -> Iterator[multiprocessing.pool.Pool | None]:
-    """A process per core for large splits; None (work in this process) for small ones."""
-    workers = min(available_cores(), -(-n_images // CHUNK))
-    if workers < 2 or n_images < PARALLEL_MIN_IMAGES:
-        yield None
-        return
-    # fork: workers inherit the imported modules (spawn would re-import torch in each)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    with multiprocessing.get_context(method).Pool(workers) as pool:
-        yield pool
-
-
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def save_samples(

@@ -21,11 +21,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from stages.parallel import ordered_map
 from stages.params import SyntheticParams
 
 CANVAS = 256
 STUDIES_PER_PATIENT = (1, 2, 3)
 STUDY_PROBS = (0.5, 0.3, 0.2)
+PATIENT_CHUNK = 50  # patients per worker task
 
 
 @dataclass(frozen=True)
@@ -284,30 +286,51 @@ def patient_labels(params: SyntheticParams) -> np.ndarray:
     return labels
 
 
-def iter_phantoms(params: SyntheticParams) -> Iterator[Phantom]:
-    """Yield every study, patient by patient; each patient has its own seeded generator, so
-    any patient can be regenerated alone and memory stays flat however many are asked for."""
+def render_patient(params: SyntheticParams, pid: int, label: str) -> list[Phantom]:
+    """All studies of one patient, from the patient's own generator (seed, pid)."""
+    prng = np.random.default_rng([params.seed, pid])
+    anatomy = sample_anatomy(prng)
+    lesion = sample_lesion(prng, label, anatomy, params.difficulty)
+    base, lungs = render_anatomy(anatomy)
     lo, hi = params.image_size
-    for pid, k in enumerate(
-        tqdm(patient_labels(params), desc="phantoms", unit="patient", leave=False, mininterval=2)
-    ):
-        prng = np.random.default_rng([params.seed, pid])
-        anatomy = sample_anatomy(prng)
-        lesion = sample_lesion(prng, params.classes[k], anatomy, params.difficulty)
-        base, lungs = render_anatomy(anatomy)
-        for study in range(int(prng.choice(STUDIES_PER_PATIENT, p=STUDY_PROBS))):
-            added, mask = render_lesion(lesion, lungs, prng)
-            h = int(prng.integers(lo, hi + 1))
-            w = int(np.clip(h * prng.uniform(0.85, 1.15), lo, hi))
-            img, out_mask = acquire(base + added, mask, prng, (h, w), params.difficulty)
-            yield Phantom(
+    studies = []
+    for study in range(int(prng.choice(STUDIES_PER_PATIENT, p=STUDY_PROBS))):
+        added, mask = render_lesion(lesion, lungs, prng)
+        h = int(prng.integers(lo, hi + 1))
+        w = int(np.clip(h * prng.uniform(0.85, 1.15), lo, hi))
+        img, out_mask = acquire(base + added, mask, prng, (h, w), params.difficulty)
+        studies.append(
+            Phantom(
                 f"p{pid:06d}_s{study}",
-                lesion.label,
+                label,
                 f"p{pid:06d}",
                 study,
                 img,
-                None if lesion.label == "normal" else out_mask,
+                None if label == "normal" else out_mask,
             )
+        )
+    return studies
+
+
+def _render_patients(job: tuple[SyntheticParams, list[tuple[int, str]]]) -> list[Phantom]:
+    params, patients = job
+    cv2.setNumThreads(1)  # one process per core already
+    return [ph for pid, label in patients for ph in render_patient(params, pid, label)]
+
+
+def iter_phantoms(params: SyntheticParams, parallel: bool = True) -> Iterator[Phantom]:
+    """Yield every study in patient order. Patients are rendered in parallel chunks; each has
+    its own seeded generator, so the result is the same however the work is divided, and
+    memory stays flat however many patients are asked for."""
+    patients = [(pid, params.classes[k]) for pid, k in enumerate(patient_labels(params))]
+    jobs = [
+        (params, patients[i : i + PATIENT_CHUNK]) for i in range(0, len(patients), PATIENT_CHUNK)
+    ]
+    bar = tqdm(total=len(patients), desc="phantoms", unit="patient", leave=False, mininterval=2)
+    for studies in ordered_map(_render_patients, jobs, parallel and len(jobs) > 1):
+        bar.update(len({ph.patient_id for ph in studies}))
+        yield from studies
+    bar.close()
 
 
 def generate(

@@ -70,3 +70,12 @@ def test_prevalence_is_followed():
     )
     share = frame.drop_duplicates("patient_id")["label"].value_counts(normalize=True)
     assert share["normal"] > share["bacterial"] > share["viral"]
+
+
+def test_parallel_generation_equals_serial(monkeypatch):
+    monkeypatch.setattr(synthetic, "PATIENT_CHUNK", 4)
+    params = SyntheticParams(n_patients=20, image_size=(64, 80), seed=5)
+    serial = list(synthetic.iter_phantoms(params, parallel=False))
+    parallel = list(synthetic.iter_phantoms(params, parallel=True))
+    assert [p.key for p in serial] == [p.key for p in parallel]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(serial, parallel, strict=True))

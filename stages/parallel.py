@@ -1,0 +1,43 @@
+"""Process pools sized to the machine, for the stages that work image by image."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.pool
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (affinity and container limits respected on Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def worker_pool(n_tasks: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """A process per core when there are several tasks; None: work in this process."""
+    workers = min(available_cores(), n_tasks)
+    if workers < 2:
+        yield None
+        return
+    # fork: workers inherit the imported modules (spawn would import everything again)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield pool
+
+
+def ordered_map(func: Callable[[T], R], tasks: list[T], parallel: bool = True) -> Iterator[R]:
+    """`map` over tasks, in order, on a process per core when `parallel` and worthwhile.
+
+    Results are yielded as they come, so a caller that writes them out keeps memory flat.
+    """
+    with worker_pool(len(tasks) if parallel else 1) as pool:
+        results: Iterable[R] = pool.imap(func, tasks) if pool else map(func, tasks)
+        yield from results
