@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -61,10 +62,14 @@ def test_official_strategy_without_source_split_is_an_error():
         split.assign_splits(make_manifest(), SplitParams(strategy="official"))
 
 
-def write_raw(raw_dir, manifest):
+def write_raw(raw_dir, manifest, thumbs=None, classes=("a", "b", "c"), task="multiclass"):
     raw_dir.mkdir(parents=True)
     manifest.to_csv(raw_dir / "manifest.csv", index=False)
-    (raw_dir / "dataset.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    card = {"classes": list(classes), "task": task}
+    (raw_dir / "dataset.json").write_text(json.dumps(card))
+    if thumbs is None:  # distinct random pictures: no duplicates
+        thumbs = np.random.default_rng(0).integers(0, 256, (len(manifest), 16, 16), np.uint8)
+    np.save(raw_dir / "thumbnails.npy", thumbs)
 
 
 def test_run_writes_splits_and_audit(tmp_path):
