@@ -73,15 +73,15 @@ def scan_folder(root: Path) -> pd.DataFrame:
 
 def patients_from_paths(
     below: pd.Series, names: pd.Series, regex: str | None
-) -> tuple[pd.Series, int]:
+) -> tuple[pd.Series, pd.Series]:
     """Patient ids from `regex` on `below` (first group, else the whole match).
 
     Files the regex does not match (all of them without a regex) count as their own
-    patient, `image:<name>`. Returns the ids and how many images fell back that way.
+    patient, `image:<name>`. Returns the ids and a mask of the rows whose id was found.
     """
     fallback = "image:" + names
     if regex is None:
-        return fallback, len(names)
+        return fallback, pd.Series(False, index=names.index)
     pattern = re.compile(regex)
 
     def patient(path: str) -> str | None:
@@ -91,8 +91,7 @@ def patients_from_paths(
         return match.group(1) if match.groups() else match.group(0)
 
     found = below.map(patient)
-    unmatched = found.isna()
-    return found.where(~unmatched, fallback), int(unmatched.sum())
+    return found.where(found.notna(), fallback), found.notna()
 
 
 def rows_from_csv(path: Path, root: Path | None, columns: dict[str, str | None]) -> pd.DataFrame:

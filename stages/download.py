@@ -204,36 +204,37 @@ def _workers() -> int:
     return max(1, min(8, cores or 1))
 
 
-def from_files(frame: pd.DataFrame, out: Path, card: dict, notes: list[str]) -> RawData:
-    """Pack the files of `frame` (file, name, label, patient_id, source_split[, group])."""
-    multilabel = card["task"] == "multilabel"
+def from_files(frame: pd.DataFrame, out: Path, card: dict, hint: str) -> RawData:
+    """Pack the files of `frame` (file, name, label, patient_id, patient_known,
+    source_split[, group, problem]); `hint` says how to give patient ids."""
     kept, rejected, thumbs, colour = collect.pack_images(frame, out / "images.zip", _workers())
     columns = ["image", "label", "patient_id", "source_split"]
     if "group" in kept and (kept["group"] != "").any():
         columns.append("group")
     manifest = kept[columns].reset_index(drop=True)
-    if not multilabel:
+    if card["task"] != "multilabel":
         card["task"] = "binary" if len(card["classes"]) == 2 else "multiclass"
     card["channels"] = 3 if colour else 1
-    return RawData(manifest, card, thumbs, rejected, notes)
-
-
-def _patient_note(unknown: int, total: int, how: str) -> list[str]:
-    if unknown == 0:
-        return []
-    if unknown == total:
-        return [
+    unknown = int((~kept["patient_known"]).sum())
+    card["patients_known"] = unknown == 0
+    notes = []
+    if unknown and unknown == len(kept):
+        notes.append(
             "WARNING: no patient ids, each image counts as its own patient: leakage between "
-            f"splits cannot be checked ({how})"
-        ]
-    return [f"WARNING: {unknown:,} image(s) without a patient id count as their own patient"]
+            f"splits cannot be checked ({hint})"
+        )
+    elif unknown:
+        notes.append(
+            f"WARNING: {unknown:,} image(s) without a patient id count as their own patient"
+        )
+    return RawData(manifest, card, thumbs, rejected, notes)
 
 
 def build_folder(params: DataParams, out: Path, root: Path | None = None) -> RawData:
     """Class folders: `root/<class>/*` or `root/<split>/<class>/*`."""
     root = root or Path(params.path or "").expanduser()
     frame = collect.scan_folder(root)
-    frame["patient_id"], unknown = collect.patients_from_paths(
+    frame["patient_id"], frame["patient_known"] = collect.patients_from_paths(
         frame["below"], frame["name"], params.patient_regex
     )
     card = {
@@ -243,10 +244,8 @@ def build_folder(params: DataParams, out: Path, root: Path | None = None) -> Raw
         "classes": sorted(frame["label"].unique()),
         "description": f"Class folders under {root}",
         "license": "",
-        "patients_known": unknown == 0,
     }
-    notes = _patient_note(unknown, len(frame), "set data.patient_regex")
-    return from_files(frame, out, card, notes)
+    return from_files(frame, out, card, "set data.patient_regex")
 
 
 def build_csv(
@@ -268,9 +267,10 @@ def build_csv(
     if not multilabel:
         frame.loc[(frame["label"] == "") & (frame["problem"] == ""), "problem"] = "no label"
     names = set(frame["label"].str.split(LABEL_SEPARATOR, regex=False).explode()) - {""}
-    no_patient = frame["patient_id"].str.strip() == ""
-    frame["patient_id"] = (
-        frame["patient_id"].str.strip().where(~no_patient, "image:" + frame["name"])
+    frame["patient_id"] = frame["patient_id"].str.strip()
+    frame["patient_known"] = frame["patient_id"] != ""
+    frame["patient_id"] = frame["patient_id"].where(
+        frame["patient_known"], "image:" + frame["name"]
     )
     card = {
         "name": path.stem,
@@ -279,10 +279,8 @@ def build_csv(
         "classes": sorted(names),
         "description": f"Images listed in {path.name}",
         "license": "",
-        "patients_known": not no_patient.any(),
     }
-    notes = _patient_note(int(no_patient.sum()), len(frame), "map data.columns.patient_id")
-    return from_files(frame, out, card, notes)
+    return from_files(frame, out, card, "map data.columns.patient_id")
 
 
 def _inside(root: Path, relative: str | None, what: str) -> Path:
