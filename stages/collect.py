@@ -19,11 +19,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.io import LABEL_SEPARATOR, SPLITS, ImageError, decode_image, thumbnail
+from stages.io import LABEL_SEPARATOR, SPLITS, ZIP_DATE, ImageError, decode_image, thumbnail
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IGNORED = {"__MACOSX", "Thumbs.db", "desktop.ini"}
-ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: same input, same bytes, same DVC hash
 BATCH = 256  # files decoded per batch (bounds memory while keeping threads busy)
 
 
@@ -168,7 +167,7 @@ def pack_images(
     Rows with a non-empty `problem` column are rejected without reading.
 
     Returns:
-        kept rows (with `image` = `images.zip#<name>`), rejected rows (path, reason),
+        kept rows (with `image` = `images.zip#<name>`), rejected rows (path, reason, label),
         (N, 16, 16) uint8 thumbnails of the kept rows, and whether any image is colour.
     """
     problem = frame["problem"] if "problem" in frame else pd.Series("", index=frame.index)
@@ -205,6 +204,7 @@ def pack_images(
         {
             "path": [frame.at[i, "name"] for i in sorted(reasons)],
             "reason": [reasons[i] for i in sorted(reasons)],
+            "label": [frame.at[i, "label"] for i in sorted(reasons)],
         }
     )
     stack = np.stack(thumbs) if thumbs else np.zeros((0, 16, 16), np.uint8)

@@ -31,6 +31,7 @@ SPLITS = ("train", "val", "test")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 ORIENTATION_TAG = 0x0112  # EXIF
 THUMB_SHAPE = (16, 16)
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: same input, same bytes, same DVC hash
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -45,7 +45,7 @@ def test_folder_source_reads_the_zoo_and_rejects_bad_files(class_tree, tmp_path)
     manifest, rejected, card = read_raw(tmp_path / "raw")
     bad = {f"PNEUMONIA/{n}": r for n, r in expected.items() if r}
     good = {f"PNEUMONIA/{n}" for n, r in expected.items() if not r}
-    assert set(rejected["path"]) == set(bad)
+    assert set(rejected["path"]) == set(bad) and set(rejected["label"]) == {"PNEUMONIA"}
     for path, reason in zip(rejected["path"], rejected["reason"], strict=True):
         assert bad[path] in reason, (path, reason)
     assert f"{len(bad)} rejected" in line and "WARNING: no patient ids" in line
@@ -72,6 +72,16 @@ def test_folder_source_reads_the_zoo_and_rejects_bad_files(class_tree, tmp_path)
     deep = read_image(tmp_path / "raw", "images.zip#PNEUMONIA/deep16.png")
     assert np.array_equal(deep, gradient(top=60000, dtype=np.uint16))
     assert np.load(tmp_path / "raw/thumbnails.npy").shape == (len(manifest), 16, 16)
+
+
+def test_folder_download_is_byte_for_byte_repeatable(class_tree, tmp_path):
+    root, _ = class_tree
+    params = DataParams(source="folder", path=str(root))
+    download.run(params, tmp_path / "a")
+    (root / "NORMAL" / "IM-0000-0001.png").touch()  # a new mtime changes nothing
+    download.run(params, tmp_path / "b")
+    for name in ("images.zip", "manifest.csv", "rejected.csv", "thumbnails.npy"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_split_layout_patient_regex_and_official_splits(tmp_path):

@@ -109,4 +109,4 @@ def test_synthetic_writes_thumbnails_and_empty_rejected(tmp_path):
     thumbs = np.load(tmp_path / "raw/thumbnails.npy")
     assert thumbs.shape == (len(manifest), 16, 16)
     assert np.array_equal(thumbs[2], thumbnail(read_image(tmp_path / "raw", manifest["image"][2])))
-    assert (tmp_path / "raw/rejected.csv").read_text().strip() == "path,reason"
+    assert (tmp_path / "raw/rejected.csv").read_text().strip() == "path,reason,label"
