@@ -1,25 +1,55 @@
-"""download stage: bring a dataset into data/raw as images + manifest.csv + dataset.json."""
+"""download stage: bring a dataset into data/raw as images + manifest.csv + dataset.json.
+
+Also written: `rejected.csv` (path, reason) for files that could not be read, and
+`thumbnails.npy` ((N, 16, 16) uint8, one per manifest row) for the split stage's
+near-duplicate check, computed here because every image is decoded here anyway.
+"""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from stages import synthetic
-from stages.io import MANIFEST_COLUMNS, atomic_dir, npz_writer, write_csv, write_json
+from stages import arrays, collect, fetch, synthetic
+from stages.io import (
+    LABEL_SEPARATOR,
+    MANIFEST_COLUMNS,
+    atomic_dir,
+    count_classes,
+    npz_writer,
+    thumbnail,
+    write_csv,
+    write_json,
+)
+from stages.parallel import available_cores
 from stages.params import DataParams
 
 RAW_DIR = Path("data/raw")
+MEDMNIST_CITATION = (
+    "Yang et al., MedMNIST v2, Scientific Data 2023 (https://medmnist.com); "
+    "cite the source dataset too"
+)
 
 
-def build_synthetic(params: DataParams, out: Path) -> tuple[pd.DataFrame, dict]:
-    """Generate the phantoms into `out`; return the manifest and dataset card."""
+class RawData(NamedTuple):
+    manifest: pd.DataFrame  # image, label, patient_id, source_split[, group, mask]
+    card: dict  # dataset.json without the counts
+    thumbnails: np.ndarray  # (N, 16, 16) uint8, row i <-> manifest row i
+    rejected: pd.DataFrame  # path, reason, label
+    notes: list[str]  # warnings for the summary line
+
+
+NO_REJECTS = pd.DataFrame(columns=["path", "reason", "label"])
+
+
+def build_synthetic(params: DataParams, out: Path) -> RawData:
+    """Generate the phantoms into `out`."""
     syn = params.synthetic
-    rows = []
+    rows, thumbs = [], []
     # streamed into two array files: memory stays flat whatever n_patients is
     with (
         npz_writer(out / "images.npz") as add_image,
@@ -30,6 +60,7 @@ def build_synthetic(params: DataParams, out: Path) -> tuple[pd.DataFrame, dict]:
     ):
         for ph in synthetic.iter_phantoms(syn):
             add_image(ph.key, ph.image)
+            thumbs.append(thumbnail(ph.image))
             if ph.mask is not None:
                 add_mask(ph.key, ph.mask)
             mask_ref = "" if ph.mask is None else f"masks.npz#{ph.key}"
@@ -45,79 +76,212 @@ def build_synthetic(params: DataParams, out: Path) -> tuple[pd.DataFrame, dict]:
         f"{syn.seed}, difficulty {syn.difficulty}",
         "license": "CC0-1.0 (generated)",
     }
-    return manifest, card
+    return RawData(manifest, card, np.stack(thumbs), NO_REJECTS, [])
 
 
-def _medmnist_info(stem: str) -> dict | None:
-    """MedMNIST INFO entry for a file named like `pneumoniamnist[_64].npz`, if medmnist is here."""
-    try:
-        from medmnist import INFO
-    except ImportError:
-        return None
-    return INFO.get(stem.split("_")[0].lower())
-
-
-def build_npz(params: DataParams, out: Path) -> tuple[pd.DataFrame, dict]:
-    """Copy a MedMNIST-format .npz into `out` and index its official splits."""
-    src = Path(params.path or "")
+def build_npz(params: DataParams, out: Path) -> RawData:
+    """A local MedMNIST-format .npz (`data.path`)."""
+    src = Path(params.path or "").expanduser()
     if not src.is_file():
         raise FileNotFoundError(f"data.path: {src} not found (expected a MedMNIST-format .npz)")
-    with np.load(src, allow_pickle=False) as arrays:
-        names = set(arrays.files)
-        expected = {f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")}
-        if not expected <= names:
-            raise ValueError(
-                f"data.path: {src} lacks arrays {sorted(expected - names)}; a MedMNIST file "
-                "holds {train,val,test}_{images,labels}"
-            )
-        labels = {s: np.asarray(arrays[f"{s}_labels"]) for s in ("train", "val", "test")}
-        shape = arrays["train_images"].shape
-    if any(lab.ndim == 2 and lab.shape[1] > 1 for lab in labels.values()):
-        raise ValueError(f"data.path: {src} is multi-label; this version reads single-label only")
-    n_classes = int(max(lab.max() for lab in labels.values())) + 1
-    info = _medmnist_info(src.stem)
-    if info and len(info["label"]) == n_classes:
-        classes = [info["label"][str(i)] for i in range(n_classes)]
-    else:
-        classes = [f"class_{i}" for i in range(n_classes)]
-    shutil.copyfile(src, out / "source.npz")
-    rows = []
-    for split, lab in labels.items():
-        for i, y in enumerate(lab.reshape(len(lab), -1)[:, 0]):
-            rows.append((f"source.npz#{split}/{i}", classes[int(y)], f"{split}-{i}", split))
-    manifest = pd.DataFrame(rows, columns=["image", "label", "patient_id", "source_split"])
+    manifest, card, thumbs = arrays.index_npz(src, out, arrays.medmnist_entry(src.stem))
+    card["source"] = "npz"
+    return RawData(manifest, card, thumbs, NO_REJECTS, [])
+
+
+def build_medmnist(params: DataParams, out: Path) -> RawData:
+    """Download `data.flag` at `data.size` (URL and MD5 from medmnist's INFO) via the cache."""
+    flag = params.flag or ""
+    url, md5 = fetch.medmnist_source(flag, params.size)
+    fname = f"{flag}{'' if params.size == 28 else f'_{params.size}'}.npz"
+    cache = fetch.cache_dir(params.cache) / "medmnist"
+    src = fetch.fetch(fetch.mirror_url(url, params.mirror), md5, fname, cache, params.retries)
+    manifest, card, thumbs = arrays.index_npz(src, out, fetch.medmnist_info()[flag], link=True)
+    card.update(
+        name=Path(fname).stem, source="medmnist", url=url, md5=md5, citation=MEDMNIST_CITATION
+    )
+    return RawData(manifest, card, thumbs, NO_REJECTS, [])
+
+
+def _workers() -> int:
+    """Reader threads: decoding releases the GIL, so one per core (at most 8)."""
+    return min(8, available_cores())
+
+
+def from_files(frame: pd.DataFrame, out: Path, card: dict, hint: str) -> RawData:
+    """Pack the files of `frame` (file, name, label, patient_id, patient_known,
+    source_split[, group, problem]); `hint` says how to give patient ids."""
+    kept, rejected, thumbs, colour = collect.pack_images(frame, out / "images.zip", _workers())
+    columns = ["image", "label", "patient_id", "source_split"]
+    if "group" in kept and (kept["group"] != "").any():
+        columns.append("group")
+    manifest = kept[columns].reset_index(drop=True)
+    if card["task"] != "multilabel":
+        card["task"] = "binary" if len(card["classes"]) == 2 else "multiclass"
+    card["channels"] = 3 if colour else 1
+    unknown = int((~kept["patient_known"]).sum())
+    card["patients_known"] = unknown == 0
+    notes = []
+    if unknown and unknown == len(kept):
+        notes.append(
+            "WARNING: no patient ids, each image counts as its own patient: leakage between "
+            f"splits cannot be checked ({hint})"
+        )
+    elif unknown:
+        notes.append(
+            f"WARNING: {unknown:,} image(s) without a patient id count as their own patient"
+        )
+    return RawData(manifest, card, thumbs, rejected, notes)
+
+
+def build_folder(params: DataParams, out: Path, root: Path | None = None) -> RawData:
+    """Class folders: `root/<class>/*` or `root/<split>/<class>/*`."""
+    root = root or Path(params.path or "").expanduser()
+    frame = collect.scan_folder(root)
+    frame["patient_id"], frame["patient_known"] = collect.patients_from_paths(
+        frame["below"], frame["name"], params.patient_regex
+    )
     card = {
-        "name": src.stem,
-        "source": "npz",
-        "task": "binary" if n_classes == 2 else "multiclass",
-        "classes": classes,
-        "channels": 3 if len(shape) == 4 else 1,
-        "description": info["description"] if info else f"MedMNIST-format file {src.name}",
-        "license": info["license"] if info else "",
-        "patients_known": False,
+        "name": root.name,
+        "source": "folder",
+        "task": "",
+        "classes": sorted(frame["label"].unique()),
+        "description": f"Class folders under {root}",
+        "license": "",
     }
-    return manifest, card
+    return from_files(frame, out, card, "set data.patient_regex")
 
 
-BUILDERS = {"synthetic": build_synthetic, "npz": build_npz}
+def build_csv(
+    params: DataParams, out: Path, path: Path | None = None, root: Path | None = None
+) -> RawData:
+    """A CSV of image paths and labels; columns mapped by `data.columns`.
+
+    `path`/`root` default to data.path and data.root (image paths start from the CSV's
+    folder when data.root is unset); the url source passes them inside the archive.
+    """
+    if path is None:
+        path = Path(params.path or "").expanduser()
+        root = Path(params.root).expanduser() if params.root else None
+    frame = collect.rows_from_csv(path, root, params.columns.model_dump())
+    frame["label"] = frame["label"].map(
+        lambda s: LABEL_SEPARATOR.join(n.strip() for n in s.split(LABEL_SEPARATOR) if n.strip())
+    )
+    multilabel = frame["label"].str.contains(LABEL_SEPARATOR, regex=False).any()
+    if not multilabel:
+        frame.loc[(frame["label"] == "") & (frame["problem"] == ""), "problem"] = "no label"
+    names = set(frame["label"].str.split(LABEL_SEPARATOR, regex=False).explode()) - {""}
+    frame["patient_id"] = frame["patient_id"].str.strip()
+    frame["patient_known"] = frame["patient_id"] != ""
+    frame["patient_id"] = frame["patient_id"].where(
+        frame["patient_known"], "image:" + frame["name"]
+    )
+    card = {
+        "name": path.stem,
+        "source": "csv",
+        "task": "multilabel" if multilabel else "",
+        "classes": sorted(names),
+        "description": f"Images listed in {path.name}",
+        "license": "",
+    }
+    return from_files(frame, out, card, "map data.columns.patient_id")
+
+
+def _inside(root: Path, relative: str | None, what: str) -> Path:
+    """`root / relative`, refusing paths that leave `root`."""
+    target = (root / (relative or "")).resolve()
+    if not target.is_relative_to(root.resolve()) or not target.exists():
+        raise FileNotFoundError(f"{what}: {relative!r} is not a path inside the archive")
+    return target
+
+
+def build_url(params: DataParams, out: Path) -> RawData:
+    """A zip/tar archive with a known SHA-256, extracted once into the cache."""
+    url, sha = params.url or "", params.sha256 or ""
+    cache = fetch.cache_dir(params.cache)
+    name = fetch.archive_name(url, sha)
+    archive = fetch.fetch(
+        fetch.mirror_url(url, params.mirror),
+        f"sha256:{sha}",
+        name,
+        cache / "downloads",
+        params.retries,
+    )
+    root = fetch.extract_archive(
+        archive, cache / "extracted" / sha[:16], params.max_extract_mb * 1e6
+    )
+    target = _inside(root, params.path, "data.path")
+    while not params.path and len(entries := collect.visible_entries(target)) == 1:
+        if not entries[0].is_dir():
+            break
+        target = entries[0]  # archives often wrap everything in one top folder
+    if target.is_file() and target.suffix.lower() == ".csv":
+        base = _inside(root, params.root, "data.root") if params.root else target.parent
+        raw = build_csv(params, out, target, base)
+    else:
+        raw = build_folder(params, out, target)
+    raw.card.update(source="url", url=url, sha256=sha, name=name.split("-", 1)[1].split(".")[0])
+    return raw
+
+
+BUILDERS = {
+    "synthetic": build_synthetic,
+    "npz": build_npz,
+    "medmnist": build_medmnist,
+    "folder": build_folder,
+    "csv": build_csv,
+    "url": build_url,
+}
+
+
+def check_classes(raw: RawData) -> dict[str, int]:
+    """Per-class counts; ValueError naming the cause when nothing or a class is left empty."""
+    card, rejected = raw.card, raw.rejected
+    multilabel = card["task"] == "multilabel"
+
+    def why(rows: pd.DataFrame) -> str:
+        if rows.empty:
+            return ""
+        first = rows.iloc[0]
+        return f"; {len(rows):,} file(s) rejected, e.g. {first['path']}: {first['reason']}"
+
+    if raw.manifest.empty:
+        raise ValueError(f"data: no readable images in the {card['source']} source{why(rejected)}")
+    counts = count_classes(raw.manifest["label"], card["classes"], multilabel)
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        labels = rejected["label"] if "label" in rejected else pd.Series("", index=rejected.index)
+        hit = labels.str.split(LABEL_SEPARATOR, regex=False).map(
+            lambda ls: bool(set(ls) & set(empty))
+        )
+        raise ValueError(f"data: class(es) {empty} have no images{why(rejected[hit.astype(bool)])}")
+    return counts
 
 
 def run(params: DataParams, raw_dir: Path = RAW_DIR) -> str:
     """Build data/raw atomically; return the summary line."""
     start = time.perf_counter()
     with atomic_dir(raw_dir) as out:
-        manifest, card = BUILDERS[params.source](params, out)
-        counts = manifest["label"].value_counts()
-        empty = [c for c in card["classes"] if counts.get(c, 0) == 0]
-        if empty:
-            raise ValueError(f"data: class(es) {empty} have no images; check the source")
-        card["n_images"] = len(manifest)
-        card["n_patients"] = int(manifest["patient_id"].nunique())
-        card["class_counts"] = {c: int(counts.get(c, 0)) for c in card["classes"]}
-        write_csv(out / "manifest.csv", manifest)
+        raw = BUILDERS[params.source](params, out)
+        card = raw.card
+        card["class_counts"] = check_classes(raw)
+        card["n_images"] = len(raw.manifest)
+        card["n_patients"] = int(raw.manifest["patient_id"].nunique())
+        write_csv(out / "manifest.csv", raw.manifest)
+        write_csv(out / "rejected.csv", raw.rejected)
+        np.save(out / "thumbnails.npy", raw.thumbnails)
         write_json(out / "dataset.json", card)
     per_class = ", ".join(f"{c} {n:,}" for c, n in card["class_counts"].items())
-    return (
-        f"download: {card['n_images']:,} images of {card['n_patients']:,} patients "
-        f"({per_class}) -> {raw_dir} in {time.perf_counter() - start:.1f} s"
+    extra = (
+        [f"{len(raw.rejected):,} rejected (see {raw_dir}/rejected.csv)"]
+        if len(raw.rejected)
+        else []
+    )
+    return "; ".join(
+        [
+            f"download: {card['n_images']:,} images of {card['n_patients']:,} patients "
+            f"({per_class}) -> {raw_dir} in {time.perf_counter() - start:.1f} s",
+            *extra,
+            *raw.notes,
+        ]
     )

@@ -7,10 +7,12 @@ interrupted leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -18,13 +20,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MANIFEST_COLUMNS = ("image", "label", "patient_id", "source_split")
 OPTIONAL_COLUMNS = ("group", "mask")
 SPLITS = ("train", "val", "test")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+ORIENTATION_TAG = 0x0112  # EXIF
+THUMB_SHAPE = (16, 16)
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: same input, same bytes, same DVC hash
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -141,34 +148,184 @@ def _open_npz(path: str, mtime_ns: int, pid: int) -> Any:
     return np.load(path, allow_pickle=False)
 
 
+@lru_cache(maxsize=8)
+def _npz_member(path: str, mtime_ns: int, name: str) -> np.ndarray:
+    """One array of an .npz, memory-mapped when stored uncompressed (else read once).
+
+    `NpzFile[name]` reads the whole member on every access; indexing one image of a
+    MedMNIST split that way costs the whole split each time.
+    """
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{name}.npy")
+        except KeyError:
+            raise KeyError(f"{path}: no array {name!r}") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            with zf.open(info) as fh:
+                return np.lib.format.read_array(fh, allow_pickle=False)
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset + 26)  # local header: name and extra lengths at byte 26
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(fh)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"{path}: array {name!r} has .npy format {version}; re-save it")
+        shape, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: array {name!r} holds Python objects; not an image array")
+    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+
+
+def npz_array(path: Path | str, name: str) -> np.ndarray:
+    """Array `name` of an .npz file, memory-mapped when stored uncompressed."""
+    path = Path(path)
+    return _npz_member(str(path.resolve()), path.stat().st_mtime_ns, name)
+
+
+@lru_cache(maxsize=8)
+def _open_zip(path: str, mtime_ns: int, pid: int) -> zipfile.ZipFile:
+    """Open archives once per process (pid and mtime as for `_open_npz`)."""
+    return zipfile.ZipFile(path)
+
+
 def read_image(root: Path | str, ref: str) -> np.ndarray:
     """Read one image given by a manifest reference relative to `root`.
 
-    References: `file.png` (any format PIL reads), `file.npz#name` (array `name`) or
-    `file.npz#split/index` (row `index` of `<split>_images`, the MedMNIST layout).
+    References: `file.png` (PNG, JPEG, TIFF, DICOM, ...: see `decode_image`),
+    `file.npz#name` (array `name`), `file.npz#split/index` (row `index` of
+    `<split>_images`, the MedMNIST layout) or `file.zip#member` (an image file packed
+    in an uncompressed zip, as the download stage stores folder and CSV sources).
 
     Returns:
-        (H, W) or (H, W, C) array, uint8 or uint16.
+        (H, W) or (H, W, 3) array, uint8 or uint16.
     """
     file, _, key = ref.partition("#")
     path = Path(root) / file
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found (manifest entry {ref!r})")
+    mtime = path.stat().st_mtime_ns
+    if key and path.suffix == ".zip":
+        try:
+            data = _open_zip(str(path.resolve()), mtime, os.getpid()).read(key)
+        except KeyError:
+            raise KeyError(f"{path}: no member {key!r} (manifest entry {ref!r})") from None
+        return decode_image(data, key)
     if key:
-        arrays = _open_npz(str(path.resolve()), path.stat().st_mtime_ns, os.getpid())
         if "/" in key:
             split, index = key.split("/", 1)
-            return np.asarray(arrays[f"{split}_images"][int(index)])
+            return np.asarray(
+                _npz_member(str(path.resolve()), mtime, f"{split}_images")[int(index)]
+            )
+        arrays = _open_npz(str(path.resolve()), mtime, os.getpid())
         if key not in arrays.files:
             raise KeyError(f"{path}: no array {key!r} (manifest entry {ref!r})")
         return np.asarray(arrays[key])
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I"):
-            return np.asarray(img).astype(np.uint16)
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB" if img.mode in ("RGBA", "P", "CMYK", "LA") else "L")
-        return np.asarray(img)
+    return decode_image(path.read_bytes(), path.name)
+
+
+class ImageError(ValueError):
+    """A file that is not a readable 2-D image; the message is the reason."""
+
+
+def decode_image(data: bytes, name: str = "") -> np.ndarray:
+    """Decode one image file's bytes: PNG, JPEG, TIFF (8/16 bit), BMP, ... or DICOM.
+
+    Gray stays (H, W) uint8/uint16; colour (RGB, RGBA, palette, CMYK, ...) becomes
+    (H, W, 3) uint8. Raises ImageError with the reason for empty, truncated, multi-frame
+    or unknown files; PIL's decompression-bomb guard stays on.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    if data[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES):
+        return _decode_dicom(data)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                raise ImageError(f"multi-frame image ({frames} frames); save one frame per file")
+            img.load()
+            if img.getexif().get(ORIENTATION_TAG, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            return _pil_to_array(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unknown format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"refused, too many pixels: {exc}") from None
+    except (OSError, SyntaxError, EOFError, struct.error, ValueError) as exc:
+        raise ImageError(f"truncated or corrupt image: {exc}") from None
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    if img.mode.startswith("I;16"):
+        return np.asarray(img).astype(np.uint16)
+    if img.mode in ("I", "F"):
+        arr = np.asarray(img)
+        if arr.dtype.kind == "i" and arr.min() >= 0 and arr.max() <= 65535:
+            return arr.astype(np.uint16)
+        return _to_uint16(arr.astype(np.float64))
+    if img.mode in ("1", "LA", "La"):
+        img = img.convert("L")
+    elif img.mode not in ("L", "RGB"):  # RGBA, P, PA, CMYK, YCbCr, LAB, HSV, ...
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def _to_uint16(arr: np.ndarray) -> np.ndarray:
+    """Linear min-max scaling of any real array to the full uint16 range."""
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = (arr - lo) / (hi - lo) * 65535 if hi > lo else np.zeros_like(arr)
+    return np.round(scaled).astype(np.uint16)
+
+
+def _decode_dicom(data: bytes) -> np.ndarray:
+    """DICOM pixels after the modality LUT (rescale) and VOI LUT/window, as a viewer shows them.
+
+    MONOCHROME1 (low values white) is inverted so that every image is bright-is-dense.
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise ImageError(f"not a readable DICOM file: {exc}") from None
+    if "PixelData" not in ds:
+        raise ImageError("DICOM without pixel data (not an image object)")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageError(f"multi-frame DICOM ({frames} frames); export single frames")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if Image.MAX_IMAGE_PIXELS and rows * cols > 2 * Image.MAX_IMAGE_PIXELS:
+        raise ImageError(f"refused, too many pixels: {rows} x {cols} DICOM")
+    try:
+        pixels = ds.pixel_array
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
+        raise ImageError(f"DICOM pixel data not decodable: {exc}") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pixels.ndim == 3:  # colour (RGB; pydicom converts YBR to RGB)
+        return pixels if pixels.dtype == np.uint8 else (_to_uint16(pixels) >> 8).astype(np.uint8)
+    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    if photometric == "MONOCHROME1":
+        values = values.max() + values.min() - values
+    return _to_uint16(values)
+
+
+def thumbnail(img: np.ndarray) -> np.ndarray:
+    """(16, 16) uint8 gray, contrast-stretched: the fingerprint for near-duplicate search."""
+    if img.ndim == 3:
+        img = img[:, :, :3].mean(axis=2) if img.shape[2] >= 3 else img[:, :, 0]
+    small = cv2.resize(np.asarray(img, np.float32), THUMB_SHAPE, interpolation=cv2.INTER_AREA)
+    lo, hi = float(small.min()), float(small.max())
+    if hi <= lo:
+        return np.zeros(THUMB_SHAPE, np.uint8)
+    return np.round((small - lo) / (hi - lo) * 255).astype(np.uint8)
 
 
 def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
@@ -208,3 +365,10 @@ def encode_labels(labels: pd.Series, classes: list[str], multilabel: bool) -> np
                 raise ValueError(f"label {name!r} not in classes {classes}")
             out[i, lookup[name]] = 1.0
     return out
+
+
+def count_classes(labels: pd.Series, classes: list[str], multilabel: bool) -> dict[str, int]:
+    """Images per class (for multi-label: images where the class is positive)."""
+    encoded = encode_labels(labels, classes, multilabel)
+    counts = encoded.sum(axis=0) if multilabel else np.bincount(encoded, minlength=len(classes))
+    return {c: int(n) for c, n in zip(classes, counts, strict=True)}

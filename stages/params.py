@@ -11,6 +11,7 @@ import difflib
 import functools
 import importlib.metadata
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,19 +100,99 @@ class SyntheticParams(Section):
         return self
 
 
-class DataParams(Section):
-    source: Literal["synthetic", "npz"] = Field(
-        "synthetic",
-        description="synthetic: embedded chest-radiograph phantoms (offline); "
-        "npz: a local MedMNIST-format file given by data.path.",
+class CsvColumns(Section):
+    image: str = Field(
+        "image", description="Column of image paths (relative to data.root or the CSV's folder)."
     )
-    path: str | None = Field(None, description="Input file for source npz.")
+    label: str = Field(
+        "label", description="Column of class names (`|`-joined names make the task multilabel)."
+    )
+    patient_id: str | None = Field(
+        None, description="Column of patient ids (none: one patient per image, leakage unchecked)."
+    )
+    group: str | None = Field(
+        None, description="Column of a group for per-group metrics (body part, view, site)."
+    )
+    split: str | None = Field(
+        None, description="Column of the source's own split (train, val/valid, test)."
+    )
+
+
+class DataParams(Section):
+    source: Literal["synthetic", "medmnist", "npz", "folder", "csv", "url"] = Field(
+        "synthetic",
+        description="synthetic: embedded chest-radiograph phantoms (offline); medmnist: "
+        "download data.flag at data.size; npz: a local MedMNIST-format file (data.path); "
+        "folder: class folders under data.path; csv: a table of paths and labels (data.path); "
+        "url: a zip/tar archive (data.url + data.sha256) read as folder or csv.",
+    )
+    path: str | None = Field(
+        None,
+        description="npz: the .npz file; folder: the root folder; csv: the CSV file; url: "
+        "optional folder or .csv inside the archive.",
+    )
+    flag: str | None = Field(
+        None, description="MedMNIST flag for source medmnist (2D: pneumoniamnist, chestmnist, ...)."
+    )
+    size: Literal[28, 64, 128, 224] = Field(28, description="MedMNIST image size (px).")
+    url: str | None = Field(None, description="Archive URL (zip, tar, tar.gz) for source url.")
+    sha256: str | None = Field(None, description="SHA-256 of the archive (required for url).")
+    mirror: str | None = Field(
+        None,
+        description="Base URL replacing scheme and host of downloads (offline mirror); "
+        "unset: $MEDPIPE_MIRROR if set, else the original host.",
+    )
+    cache: str | None = Field(
+        None, description="Download cache folder; unset: $MEDPIPE_CACHE, else ~/.cache/medpipe."
+    )
+    retries: int = Field(3, ge=0, le=10, description="Download retries after a failed attempt.")
+    max_extract_mb: float = Field(
+        50_000.0, gt=0.0, description="Refuse archives that unpack to more than this (MB)."
+    )
+    patient_regex: str | None = Field(
+        None,
+        description="folder/url: regex on the path below the class folder giving the patient "
+        "id (first group if any), e.g. 'person(\\d+)_'; unset: one patient per image.",
+    )
+    root: str | None = Field(
+        None, description="csv: folder the image paths start from (default: the CSV's folder)."
+    )
+    columns: CsvColumns = Field(default_factory=CsvColumns)
     synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
 
+    @field_validator("patient_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("sha256 must be 64 hexadecimal digits (sha256sum ARCHIVE)")
+        return value.lower() if value else value
+
     @model_validator(mode="after")
-    def _path_given(self) -> DataParams:
-        if self.source == "npz" and not self.path:
-            raise ValueError("source npz needs data.path (a MedMNIST-format .npz file)")
+    def _inputs_given(self) -> DataParams:
+        needs_path = {"npz": "a MedMNIST-format .npz file", "folder": "a folder", "csv": "a CSV"}
+        if self.source in needs_path and not self.path:
+            raise ValueError(f"source {self.source} needs data.path ({needs_path[self.source]})")
+        if self.source == "url" and not (self.url and self.sha256):
+            raise ValueError("source url needs data.url and data.sha256 (sha256sum ARCHIVE)")
+        if self.source == "medmnist":
+            from stages.fetch import medmnist_flags  # deferred: reads medmnist's INFO
+
+            flags = medmnist_flags()
+            if self.flag not in flags:
+                raise ValueError(
+                    f"source medmnist needs data.flag, one of {', '.join(flags)} "
+                    f"(got {self.flag!r})"
+                )
         return self
 
 
@@ -134,6 +215,11 @@ class SplitParams(Section):
         None, ge=1, description="Optional cap of training images per class."
     )
     seed: int = Field(0, description="Seed of the split and of undersampling.")
+    allow_duplicates: bool = Field(
+        False,
+        description="Allow near-duplicate images in two splits (counted as duplicate_overlap); "
+        "by default the stage fails on them.",
+    )
 
 
 class PreprocessParams(Section):

@@ -16,7 +16,15 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from stages.io import SPLITS, atomic_dir, read_csv, read_image, read_json, write_json
+from stages.io import (
+    LABEL_SEPARATOR,
+    SPLITS,
+    atomic_dir,
+    read_csv,
+    read_image,
+    read_json,
+    write_json,
+)
 from stages.parallel import ordered_map
 from stages.params import PreprocessParams
 
@@ -146,7 +154,9 @@ def save_samples(
 ) -> None:
     """One PNG, a row per class: `per_class` (raw | preprocessed) pairs, class name on top."""
     rows = []
-    for label, group in frame.groupby("label", sort=True):
+    # multi-label: one row per first-named label, not one per label combination
+    first = frame["label"].str.split(LABEL_SEPARATOR, regex=False).str[0].replace("", "(none)")
+    for label, group in frame.groupby(first, sort=True):
         tiles = []
         for ref in group["image"].head(per_class):
             raw = to_uint8(read_image(raw_dir, ref), 1)

@@ -1,4 +1,10 @@
-"""split stage: train/val/test by patient (no leakage), optional undersampling of train."""
+"""split stage: train/val/test by patient (no leakage), optional undersampling of train.
+
+Near-duplicate images (same picture under two file names, re-encoded or resized) are
+found from the download stage's 16x16 thumbnails: the patient and image strategies keep
+them in one split, and any left across splits (official splits) fail the stage unless
+`split.allow_duplicates` is set.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +14,44 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.io import MANIFEST_COLUMNS, SPLITS, read_csv, read_json, write_csv, write_json
+from stages.io import (
+    LABEL_SEPARATOR,
+    MANIFEST_COLUMNS,
+    SPLITS,
+    count_classes,
+    read_csv,
+    read_image,
+    read_json,
+    thumbnail,
+    write_csv,
+    write_json,
+)
 from stages.params import SplitParams
 
 RAW_DIR = Path("data/raw")
 SPLIT_DIR = Path("data/split")
 METRICS_FILE = Path("metrics/split.json")
+DUPLICATE_RMS = 4.0  # RMS difference (0-255) of 16x16 thumbnails: same picture below this
+CHUNK = 2048  # rows per block of the pairwise distance computation
 
 
 def split_by_patient(
-    manifest: pd.DataFrame, val: float, test: float, seed: int, groups: pd.Series | None = None
+    manifest: pd.DataFrame,
+    val: float,
+    test: float,
+    seed: int,
+    groups: pd.Series | None = None,
+    strata: pd.Series | None = None,
 ) -> pd.Series:
     """Assign each image to train/val/test so that no group (patient) spans two splits.
 
-    Groups are stratified by their most common label: within each class, a shuffled list of
-    groups is cut into test, val and train shares (each share at least one group when the
-    class has three or more).
+    Groups are stratified by their most common stratum (default: the label): within each
+    stratum, a shuffled list of groups is cut into test, val and train shares (each share
+    at least one group when the stratum has three or more).
     """
     groups = manifest["patient_id"] if groups is None else groups
-    group_label = manifest.groupby(groups)["label"].agg(lambda s: s.value_counts().index[0])
+    strata = manifest["label"] if strata is None else strata
+    group_label = strata.groupby(groups).agg(lambda s: s.value_counts().index[0])
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     for label in sorted(group_label.unique()):
@@ -38,6 +63,112 @@ def split_by_patient(
         for i, g in enumerate(members):
             assignment[g] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return groups.map(assignment)
+
+
+def rarest_label(labels: pd.Series, classes: list[str]) -> pd.Series:
+    """Multi-label stratum: the rarest positive label of each row ("" for none).
+
+    Stratifying on full label sets splinters into many tiny strata; the rarest label keeps
+    every label present in every split as far as the data allow.
+    """
+    counts = count_classes(labels, classes, multilabel=True)
+    rank = {c: i for i, c in enumerate(sorted(classes, key=lambda c: (counts[c], c)))}
+    return labels.map(
+        lambda s: min(filter(None, s.split(LABEL_SEPARATOR)), key=rank.__getitem__, default="")
+    )
+
+
+def cluster_duplicates(thumbs: np.ndarray, rms: float = DUPLICATE_RMS) -> np.ndarray:
+    """Cluster id per image (the index of one member): near-identical images share one.
+
+    Identical thumbnails are merged first; the rest are compared only within buckets of a
+    coarse key (4x4 block means in 8 levels, at two offsets so that values near a level
+    boundary still meet), and joined when their thumbnails' RMS difference is <= `rms`.
+    """
+    n = len(thumbs)
+    flat = thumbs.reshape(n, -1)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    _, first, inverse = np.unique(flat, axis=0, return_index=True, return_inverse=True)
+    parent = first[inverse.ravel()].astype(np.int64)  # exact copies -> first occurrence
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    reps = np.sort(first)
+    values = flat[reps].astype(np.float32)
+    coarse = values.reshape(len(reps), 4, 4, 4, 4).mean(axis=(2, 4)).reshape(len(reps), -1)
+    for offset in (0.0, 16.0):
+        _, bucket = np.unique((coarse + offset) // 32, axis=0, return_inverse=True)
+        bucket = bucket.ravel()
+        order = np.argsort(bucket, kind="stable")
+        starts = np.flatnonzero(np.diff(bucket[order], prepend=-1))
+        for members in np.split(order, starts[1:]):
+            for a, b in _close_pairs(values[members], rms):
+                ra, rb = find(int(reps[members[a]])), find(int(reps[members[b]]))
+                parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)])
+
+
+def _close_pairs(x: np.ndarray, rms: float) -> list[tuple[int, int]]:
+    """Index pairs (a < b) of rows of `x` whose RMS difference is <= rms (blockwise)."""
+    if len(x) < 2:
+        return []
+    limit = rms**2 * x.shape[1]
+    norms = (x**2).sum(axis=1)
+    pairs = []
+    for start in range(0, len(x), CHUNK):
+        block = x[start : start + CHUNK]
+        d2 = norms[start : start + CHUNK, None] + norms[None, :] - 2 * block @ x.T
+        a, b = np.nonzero(d2 <= limit)
+        a += start
+        pairs += [(int(i), int(j)) for i, j in zip(a, b, strict=True) if i < j]
+    return pairs
+
+
+def merge_groups(groups: pd.Series, cluster: np.ndarray) -> pd.Series:
+    """Groups (patients) joined wherever near-duplicate images link them."""
+    linked = pd.Series(cluster, index=groups.index)
+    multi = linked[linked.duplicated(keep=False)]
+    if multi.empty:
+        return groups
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    for _, members in groups[multi.index].groupby(multi):
+        names = sorted({find(g) for g in members})
+        for g in names[1:]:
+            parent[g] = names[0]
+    return groups.map(find)
+
+
+def duplicates_across(cluster: np.ndarray, column: pd.Series) -> pd.DataFrame:
+    """Rows whose near-duplicate lies in another split: position, split, cluster id."""
+    frame = pd.DataFrame({"cluster": cluster, "split": column.to_numpy()})
+    frame = frame[frame["split"].isin(SPLITS)]
+    spread = frame.groupby("cluster")["split"].nunique()
+    return frame[frame["cluster"].isin(spread.index[spread > 1])]
+
+
+def load_thumbnails(raw_dir: Path, manifest: pd.DataFrame) -> np.ndarray:
+    """(N, 16, 16) thumbnails from the download stage, or computed from the images."""
+    path = raw_dir / "thumbnails.npy"
+    if not path.is_file():  # a manifest written by hand or by an older download stage
+        return np.stack([thumbnail(read_image(raw_dir, ref)) for ref in manifest["image"]])
+    thumbs = np.load(path)
+    if len(thumbs) != len(manifest):
+        raise ValueError(
+            f"{path}: {len(thumbs)} thumbnails for {len(manifest)} manifest rows; "
+            "rerun `medpipe download`"
+        )
+    return thumbs
 
 
 def undersample(
@@ -63,13 +194,26 @@ def resolve_strategy(manifest: pd.DataFrame, strategy: str) -> str:
     return "official" if manifest["source_split"].isin(SPLITS).all() else "patient"
 
 
-def assign_splits(manifest: pd.DataFrame, params: SplitParams) -> pd.Series:
-    """Split column for the chosen strategy (`auto` already resolved)."""
-    if params.strategy == "patient":
-        return split_by_patient(manifest, params.val, params.test, params.seed)
-    if params.strategy == "image":
-        per_image = pd.Series(manifest.index.astype(str), index=manifest.index)
-        return split_by_patient(manifest, params.val, params.test, params.seed, per_image)
+def assign_splits(
+    manifest: pd.DataFrame,
+    params: SplitParams,
+    cluster: np.ndarray | None = None,
+    strata: pd.Series | None = None,
+) -> pd.Series:
+    """Split column for the chosen strategy (`auto` already resolved).
+
+    `cluster` (from `cluster_duplicates`) keeps near-duplicates together where the
+    strategy chooses; `strata` replaces the label for stratification (multi-label).
+    """
+    cluster = np.arange(len(manifest)) if cluster is None else cluster
+    if params.strategy in ("patient", "image"):
+        groups = (
+            manifest["patient_id"]
+            if params.strategy == "patient"
+            else pd.Series(manifest.index.astype(str), index=manifest.index)
+        )
+        groups = merge_groups(groups, cluster)
+        return split_by_patient(manifest, params.val, params.test, params.seed, groups, strata)
     official = manifest["source_split"].astype(str)
     bad = sorted(set(official) - set(SPLITS))
     if bad:
@@ -78,14 +222,25 @@ def assign_splits(manifest: pd.DataFrame, params: SplitParams) -> pd.Series:
             f"of {list(SPLITS)} (choose split.strategy patient for data without splits)"
         )
     if "val" not in set(official):  # carve validation out of train, by patient
-        train = manifest[official == "train"]
-        inner = split_by_patient(train, params.val, 0.0, params.seed)
+        train = official == "train"
+        groups = merge_groups(manifest["patient_id"], cluster)[train]
+        inner = split_by_patient(
+            manifest[train],
+            params.val,
+            0.0,
+            params.seed,
+            groups,
+            None if strata is None else strata[train],
+        )
         official = official.where(official != "train", inner)
     return official
 
 
 def audit(
-    splits: dict[str, pd.DataFrame], before: dict[str, pd.DataFrame], classes: list[str]
+    splits: dict[str, pd.DataFrame],
+    before: dict[str, pd.DataFrame],
+    classes: list[str],
+    multilabel: bool = False,
 ) -> dict:
     """Counts per split and the leakage check, for metrics/split.json."""
     patients = {s: set(f["patient_id"]) for s, f in splits.items()}
@@ -98,8 +253,8 @@ def audit(
         report[s] = {
             "n_images": len(splits[s]),
             "n_patients": len(patients[s]),
-            "class_counts": {c: int((splits[s]["label"] == c).sum()) for c in classes},
-            "class_counts_before": {c: int((before[s]["label"] == c).sum()) for c in classes},
+            "class_counts": count_classes(splits[s]["label"], classes, multilabel),
+            "class_counts_before": count_classes(before[s]["label"], classes, multilabel),
         }
     return report
 
@@ -112,10 +267,15 @@ def run(
 ) -> str:
     start = time.perf_counter()
     manifest = read_csv(raw_dir / "manifest.csv", required=MANIFEST_COLUMNS)
-    classes = read_json(raw_dir / "dataset.json")["classes"]
+    card = read_json(raw_dir / "dataset.json")
+    classes, multilabel = card["classes"], card.get("task") == "multilabel"
+    if multilabel and params.undersample != "none":
+        raise ValueError("split.undersample applies to single-label data; set it to none")
     strategy = resolve_strategy(manifest, params.strategy)
     params = params.model_copy(update={"strategy": strategy})
-    column = assign_splits(manifest, params)
+    cluster = cluster_duplicates(load_thumbnails(raw_dir, manifest))
+    strata = rarest_label(manifest["label"], classes) if multilabel else None
+    column = assign_splits(manifest, params, cluster, strata)
     before = {s: manifest[column == s] for s in SPLITS}
     empty = [s for s in SPLITS if before[s].empty]
     if empty:
@@ -127,18 +287,42 @@ def run(
     splits["train"] = undersample(
         before["train"], params.undersample, params.ratio, params.max_per_class, params.seed
     )
-    report = audit(splits, before, classes)
+    kept = pd.Series("", index=manifest.index)
+    for s in SPLITS:
+        kept[splits[s].index] = s
+    dups = duplicates_across(cluster, kept)
+    report = audit(splits, before, classes, multilabel)
     report["strategy"] = params.strategy
+    report["duplicate_overlap"] = len(dups)
     if report["patient_overlap"] and params.strategy != "image":
         raise ValueError(f"split: {report['patient_overlap']} patient(s) appear in two splits")
+    if len(dups) and not params.allow_duplicates:
+        examples = ", ".join(manifest["image"].iloc[dups.index[:4]])
+        raise ValueError(
+            f"split: {len(dups)} image(s) have a near-duplicate in another split (e.g. "
+            f"{examples}); they inflate test scores. Remove them from the source, use "
+            "split.strategy patient, or set split.allow_duplicates: true to accept them"
+        )
     for s in SPLITS:
         write_csv(out_dir / f"{s}.csv", splits[s])
+    write_csv(  # what allow_duplicates let through, for inspection
+        out_dir / "duplicates.csv",
+        pd.DataFrame(
+            {
+                "image": manifest["image"].iloc[dups.index].to_numpy(),
+                "split": dups["split"].to_numpy(),
+                "same_as": manifest["image"].iloc[dups["cluster"]].to_numpy(),
+            }
+        ),
+    )
     write_json(metrics_file, report)
     sizes = ", ".join(
         f"{s} {report[s]['n_images']:,} ({report[s]['n_patients']:,} pts)" for s in SPLITS
     )
     warn = " WARNING: image-level split, patients leak" if report["patient_overlap"] else ""
+    if len(dups):
+        warn += f" WARNING: {len(dups)} near-duplicate image(s) across splits (allowed)"
     return (
-        f"split: {params.strategy}: {sizes}; patient overlap "
-        f"{report['patient_overlap']} in {time.perf_counter() - start:.1f} s{warn}"
+        f"split: {params.strategy}: {sizes}; patient overlap {report['patient_overlap']}, "
+        f"duplicate overlap {len(dups)} in {time.perf_counter() - start:.1f} s{warn}"
     )

@@ -1,12 +1,14 @@
 import json
+import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from stages import download, split
-from stages.io import read_image
+from stages.io import encode_labels, npz_array, read_image, thumbnail
 from stages.params import DataParams, SplitParams
+from tests.datasets import medmnist_arrays, write_npz
 
 
 def write_medmnist(path, rgb=False, n=(20, 6, 8), labels=2):
@@ -62,3 +64,49 @@ def test_npz_without_medmnist_arrays_is_a_clear_error(tmp_path):
 def test_npz_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data\.path"):
         download.run(DataParams(source="npz", path=str(tmp_path / "nope.npz")), tmp_path / "raw")
+
+
+def test_compressed_multilabel_npz_is_stored_for_memory_mapping(tmp_path):
+    arrays = medmnist_arrays("multilabel")
+    write_npz(tmp_path / "chestmnist_64.npz", arrays, compress=True)
+    line = download.run(
+        DataParams(source="npz", path=str(tmp_path / "chestmnist_64.npz")), tmp_path / "raw"
+    )
+    card = json.loads((tmp_path / "raw/dataset.json").read_text())
+    manifest = pd.read_csv(tmp_path / "raw/manifest.csv", dtype=str, keep_default_na=False)
+    assert card["task"] == "multilabel" and len(card["classes"]) == 14
+    assert card["classes"][1] == "cardiomegaly" and card["name"] == "chestmnist_64"
+    labels = np.concatenate([arrays[f"{s}_labels"] for s in ("train", "val", "test")])
+    assert np.array_equal(encode_labels(manifest["label"], card["classes"], True), labels)
+    with zipfile.ZipFile(tmp_path / "raw/source.npz") as zf:  # rewritten uncompressed
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
+    assert isinstance(npz_array(tmp_path / "raw/source.npz", "test_images"), np.memmap)
+    assert np.array_equal(
+        read_image(tmp_path / "raw", "source.npz#test/7"), arrays["test_images"][7]
+    )
+    assert "atelectasis" in line
+
+
+def test_npz_with_unknown_name_gets_generic_class_names(tmp_path):
+    write_npz(tmp_path / "mine.npz", medmnist_arrays("rgb"))
+    download.run(DataParams(source="npz", path=str(tmp_path / "mine.npz")), tmp_path / "raw")
+    card = json.loads((tmp_path / "raw/dataset.json").read_text())
+    assert card["classes"] == [f"class_{i}" for i in range(8)] and card["channels"] == 3
+
+
+def test_npz_with_mismatched_labels_is_a_clear_error(tmp_path):
+    arrays = medmnist_arrays("gray")
+    arrays["val_labels"] = arrays["val_labels"][:3]
+    write_npz(tmp_path / "x.npz", arrays)
+    with pytest.raises(ValueError, match="val_labels must be N x 1"):
+        download.run(DataParams(source="npz", path=str(tmp_path / "x.npz")), tmp_path / "raw")
+
+
+def test_synthetic_writes_thumbnails_and_empty_rejected(tmp_path):
+    params = DataParams.model_validate({"synthetic": {"n_patients": 8, "image_size": [64, 64]}})
+    download.run(params, tmp_path / "raw")
+    manifest = pd.read_csv(tmp_path / "raw/manifest.csv")
+    thumbs = np.load(tmp_path / "raw/thumbnails.npy")
+    assert thumbs.shape == (len(manifest), 16, 16)
+    assert np.array_equal(thumbs[2], thumbnail(read_image(tmp_path / "raw", manifest["image"][2])))
+    assert (tmp_path / "raw/rejected.csv").read_text().strip() == "path,reason,label"

@@ -1,8 +1,12 @@
+from io import BytesIO
+
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from stages import io
+from tests.datasets import gradient, make_dicom, write_image_zoo
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
@@ -49,3 +53,92 @@ def test_read_csv_names_missing_columns(tmp_path):
 def test_safe_name():
     assert io.safe_name("viral") == "viral"
     assert io.safe_name("<script>alert(1)</script>") == "script_alert_1_script"
+
+
+def test_image_zoo_decodes_or_names_the_reason(tmp_path):
+    expected = write_image_zoo(tmp_path)
+    for name, reason in expected.items():
+        data = (tmp_path / name).read_bytes()
+        if reason:
+            with pytest.raises(io.ImageError, match=reason):
+                io.decode_image(data, name)
+            continue
+        img = io.decode_image(data, name)
+        assert img.ndim in (2, 3) and min(img.shape[:2]) >= 36, name
+        assert img.dtype in (np.uint8, np.uint16), name
+        if img.ndim == 3:
+            assert img.shape[2] == 3, name  # RGBA, palette and CMYK become RGB
+
+
+def test_sixteen_bit_png_and_tiff_keep_their_depth(tmp_path):
+    write_image_zoo(tmp_path)
+    png = io.read_image(tmp_path, "deep16.png")
+    tif = io.read_image(tmp_path, "deep16.tif")
+    assert png.dtype == np.uint16 and png.max() > 255 * 100
+    assert np.array_equal(png, gradient(top=60000, dtype=np.uint16))
+    assert np.array_equal(tif, gradient(top=40000, dtype=np.uint16)[::-1])
+
+
+def test_monochrome1_dicom_is_inverted(tmp_path):
+    stored = gradient(top=4000, dtype=np.uint16)  # stored values grow downwards
+    make_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1")
+    make_dicom(tmp_path / "m2.dcm", stored, "MONOCHROME2")
+    m1, m2 = io.read_image(tmp_path, "m1.dcm"), io.read_image(tmp_path, "m2.dcm")
+    assert m1.dtype == np.uint16 and m1.shape == stored.shape
+    # MONOCHROME1: the lowest stored value is displayed white
+    assert m1[0].mean() > 60000 and m1[-1].mean() < 5000
+    assert m2[0].mean() < 5000 and m2[-1].mean() > 60000
+    assert np.abs(m1.astype(int) - (65535 - m2.astype(int))).max() <= 1  # rounding
+
+
+def test_dicom_window_is_applied(tmp_path):
+    stored = gradient(top=4000, dtype=np.uint16)
+    make_dicom(tmp_path / "w.dcm", stored, "MONOCHROME2", window=(2000, 1000))
+    img = io.read_image(tmp_path, "w.dcm").astype(np.int64)
+    low, high = stored < 1500, stored > 2500  # outside the window: clipped flat
+    assert (img[low] == img.min()).all() and (img[high] == img.max()).all()
+    inside = (stored > 1600) & (stored < 2400)
+    assert len(np.unique(img[inside])) > 20  # contrast spread over the window
+
+
+def test_decompression_bomb_guard_is_kept(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(io.ImageError, match="too many pixels"):
+        io.read_image(tmp_path, "big.png")
+
+
+def test_zip_member_and_memory_mapped_npz_references(tmp_path):
+    import zipfile
+
+    gray = gradient()
+    buffer = BytesIO()
+    Image.fromarray(gray).save(buffer, "PNG")
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as zf:
+        zf.writestr("a/b c.png", buffer.getvalue())
+    assert np.array_equal(io.read_image(tmp_path, "images.zip#a/b c.png"), gray)
+    with pytest.raises(KeyError, match="no member"):
+        io.read_image(tmp_path, "images.zip#missing.png")
+    stack = np.stack([gray, gray + 1, gray + 2])
+    io.save_npz(tmp_path / "m.npz", {"val_images": stack})
+    assert isinstance(io.npz_array(tmp_path / "m.npz", "val_images"), np.memmap)
+    assert np.array_equal(io.read_image(tmp_path, "m.npz#val/2"), gray + 2)
+    io.save_npz(tmp_path / "c.npz", {"val_images": stack}, compress=True)
+    assert np.array_equal(io.read_image(tmp_path, "c.npz#val/1"), gray + 1)
+
+
+def test_thumbnail_ignores_size_depth_and_contrast():
+    img = gradient(96, 80)
+    small = np.ascontiguousarray(img[::2, ::2])
+    deep = img.astype(np.uint16) * 200
+    t = io.thumbnail(img)
+    assert t.shape == (16, 16) and t.dtype == np.uint8 and t.min() == 0 and t.max() == 255
+    for other in (small, deep, np.dstack([img] * 3)):
+        assert np.sqrt(((io.thumbnail(other).astype(float) - t) ** 2).mean()) < 4
+
+
+def test_count_classes_single_and_multi_label():
+    labels = pd.Series(["a", "b", "a"])
+    assert io.count_classes(labels, ["a", "b", "c"], False) == {"a": 2, "b": 1, "c": 0}
+    multi = pd.Series(["a|c", "", "c"])
+    assert io.count_classes(multi, ["a", "b", "c"], True) == {"a": 1, "b": 0, "c": 2}

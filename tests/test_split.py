@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -61,10 +62,14 @@ def test_official_strategy_without_source_split_is_an_error():
         split.assign_splits(make_manifest(), SplitParams(strategy="official"))
 
 
-def write_raw(raw_dir, manifest):
+def write_raw(raw_dir, manifest, thumbs=None, classes=("a", "b", "c"), task="multiclass"):
     raw_dir.mkdir(parents=True)
     manifest.to_csv(raw_dir / "manifest.csv", index=False)
-    (raw_dir / "dataset.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    card = {"classes": list(classes), "task": task}
+    (raw_dir / "dataset.json").write_text(json.dumps(card))
+    if thumbs is None:  # distinct random pictures: no duplicates
+        thumbs = np.random.default_rng(0).integers(0, 256, (len(manifest), 16, 16), np.uint8)
+    np.save(raw_dir / "thumbnails.npy", thumbs)
 
 
 def test_run_writes_splits_and_audit(tmp_path):
@@ -100,3 +105,86 @@ def test_auto_strategy_uses_official_splits_only_when_all_rows_have_one():
     manifest["source_split"] = "train"
     assert split.resolve_strategy(manifest, "auto") == "official"
     assert split.resolve_strategy(manifest, "image") == "image"
+
+
+def picture_thumbs(n, seed=0):
+    """Distinct smooth 16x16 pictures (like real thumbnails), contrast-stretched."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, 4, 4)).repeat(4, axis=1).repeat(4, axis=2)
+    base += rng.normal(scale=0.3, size=(n, 16, 16))
+    lo, hi = base.min(axis=(1, 2), keepdims=True), base.max(axis=(1, 2), keepdims=True)
+    return np.round((base - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def test_cluster_duplicates_finds_copies_and_near_copies_only():
+    thumbs = picture_thumbs(300)
+    noisy = np.clip(
+        thumbs[10].astype(int) + np.random.default_rng(1).integers(-3, 4, (16, 16)), 0, 255
+    )
+    thumbs = np.concatenate([thumbs, thumbs[[5]], noisy[None].astype(np.uint8)])
+    cluster = split.cluster_duplicates(thumbs)
+    assert cluster[300] == cluster[5] and cluster[301] == cluster[10]
+    assert len(set(cluster)) == 300  # no other image joined anything
+
+
+def test_official_split_with_duplicates_fails_unless_allowed(tmp_path):
+    manifest = make_manifest(n_patients=30, per_patient=1)
+    manifest["source_split"] = ["train"] * 20 + ["val"] * 5 + ["test"] * 5
+    thumbs = picture_thumbs(len(manifest))
+    thumbs[27] = thumbs[3]  # a training image again in test
+    write_raw(tmp_path / "raw", manifest, thumbs)
+    paths = (tmp_path / "raw", tmp_path / "split", tmp_path / "split.json")
+    with pytest.raises(ValueError, match=r"2 image\(s\) have a near-duplicate in another split"):
+        split.run(SplitParams(), *paths)
+    assert not (tmp_path / "split.json").exists()
+    line = split.run(SplitParams(allow_duplicates=True), *paths)
+    audit = json.loads((tmp_path / "split.json").read_text())
+    assert audit["duplicate_overlap"] == 2 and "duplicate overlap 2" in line and "WARNING" in line
+    dups = pd.read_csv(tmp_path / "split" / "duplicates.csv")
+    assert set(dups["image"]) == {"img3_0.png", "img27_0.png"}
+
+
+def test_patient_split_keeps_duplicates_together(tmp_path):
+    manifest = make_manifest(n_patients=60, per_patient=1)
+    thumbs = picture_thumbs(len(manifest))
+    for a, b in [(0, 30), (1, 31), (2, 32), (7, 50)]:  # same picture, different "patients"
+        thumbs[b] = thumbs[a]
+    write_raw(tmp_path / "raw", manifest, thumbs)
+    split.run(SplitParams(), tmp_path / "raw", tmp_path / "split", tmp_path / "split.json")
+    audit = json.loads((tmp_path / "split.json").read_text())
+    assert audit["duplicate_overlap"] == 0 and audit["patient_overlap"] == 0
+    where = {}
+    for s in ("train", "val", "test"):
+        for image in pd.read_csv(tmp_path / "split" / f"{s}.csv")["image"]:
+            where[image] = s
+    for a, b in [(0, 30), (1, 31), (2, 32), (7, 50)]:
+        assert where[f"img{a}_0.png"] == where[f"img{b}_0.png"]
+
+
+def test_multilabel_strata_use_the_rarest_label():
+    labels = pd.Series(["common|rare", "common", "", "common|mid", "mid"])
+    strata = split.rarest_label(labels, ["common", "mid", "rare"])
+    assert strata.tolist() == ["rare", "common", "", "mid", "mid"]
+
+
+def test_multilabel_rejects_undersampling(tmp_path):
+    manifest = make_manifest()
+    manifest["label"] = "a|b"
+    write_raw(tmp_path / "raw", manifest, classes=("a", "b"), task="multilabel")
+    with pytest.raises(ValueError, match="single-label"):
+        split.run(
+            SplitParams(undersample="majority"),
+            tmp_path / "raw",
+            tmp_path / "split",
+            tmp_path / "split.json",
+        )
+
+
+def test_duplicate_check_is_fast_on_many_images():
+    import time
+
+    thumbs = picture_thumbs(20_000, seed=3)
+    start = time.perf_counter()
+    cluster = split.cluster_duplicates(thumbs)
+    assert time.perf_counter() - start < 5
+    assert len(set(cluster)) == 20_000
