@@ -2,12 +2,13 @@ import numpy as np
 import torch
 
 from stages import train
+from stages.optim import class_weights
 from stages.models import build_model
 from stages.params import AugmentParams, ModelParams, TrainParams
 
 
 def test_class_weights_are_inverse_frequency():
-    weights = train.class_weights(np.array([0, 0, 0, 1]), 2)
+    weights = class_weights(np.array([0, 0, 0, 1]), 2)
     assert torch.allclose(weights, torch.tensor([4 / 6, 2.0]))
 
 
