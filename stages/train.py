@@ -106,7 +106,7 @@ def validate(
 ) -> dict[str, float]:
     """Validation loss (weights as in training, no smoothing) and headline metrics."""
     probs = predict(model, images, meta, 256, device)
-    p, target = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7), torch.from_numpy(y)
+    p, target = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7), torch.tensor(y)
     if y.ndim == 2:  # multi-label: per-label sigmoid probabilities
         pos_weight = None if loss_fn.pos_weight is None else loss_fn.pos_weight.cpu()
         logits = torch.log(p) - torch.log1p(-p)
@@ -299,7 +299,7 @@ def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray,
     if meta.get("task") == "multilabel":
         targets = encode_labels(frame["label"], meta["classes"], True)
     else:
-        targets = frame["y"].to_numpy()
+        targets = frame["y"].to_numpy(copy=True)  # writable: becomes tensors
     return np.asarray(images), targets, meta
 
 

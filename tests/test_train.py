@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from stages import train
-from stages.optim import class_weights
 from stages.models import build_model
+from stages.optim import class_weights
 from stages.params import AugmentParams, ModelParams, TrainParams
 
 
