@@ -13,6 +13,7 @@ import contextlib
 import copy
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ RESUME_FILE = Path("models/last.pt")
 METRICS_FILE = Path("metrics/train.json")
 PLOTS_DIR = Path("plots/train")
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
+PROGRESS_KEYS = ("history", "best", "best_state", "stale")  # Progress fields, in order
 POLICIES = {
     "trivialaugment": v2.TrivialAugmentWide,
     "randaugment": v2.RandAugment,
@@ -160,6 +162,106 @@ def log_row(live: Live | None, row: dict) -> None:
     live.next_step()
 
 
+@dataclass
+class Batches:
+    """How a uint8 batch reaches the model: device, normalisation, memory layout, autocast."""
+
+    device: torch.device
+    mean: torch.Tensor  # (1, C, 1, 1)
+    std: torch.Tensor
+    amp: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        # channels_last: ~20% faster convolutions on CPU and CUDA
+        return torch.channels_last if self.device.type in ("cpu", "cuda") else torch.preserve_format
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+@dataclass
+class Progress:
+    """History and best epoch so far: what a resumed run must get back."""
+
+    monitor: str
+    history: list[dict] = field(default_factory=list)
+    best: float = -np.inf
+    best_state: dict | None = None
+    stale: int = 0
+
+    def score(self, row: dict) -> float:
+        """The monitored metric, higher = better (NaN counts as worst)."""
+        value = row[self.monitor] if self.monitor != "val_loss" else -row[self.monitor]
+        return -np.inf if np.isnan(value) else value
+
+    def record(self, row: dict, model: nn.Module, keep_weights: bool) -> None:
+        self.history.append(row)
+        if self.best_state is None or self.score(row) > self.best:
+            self.best, self.stale, row["best"] = self.score(row), 0, True
+            self.best_state = copy.deepcopy(model.state_dict()) if keep_weights else {}
+        else:
+            self.stale += 1
+
+
+def train_epoch(
+    net: nn.Module,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    sched: LRSchedule,
+    loss_fn: nn.Module,
+    batches: Batches,
+    params: TrainParams,
+    epoch: int,
+    show: bool,
+) -> tuple[float, int, float]:
+    """One pass over the loader; returns mean loss, images seen and seconds taken."""
+    start, total, seen = time.perf_counter(), 0.0, 0
+    step0 = (epoch - 1) * len(loader)
+    desc = f"epoch {epoch}/{params.epochs}"
+    bar = tqdm(loader, desc=desc, leave=False, mininterval=1, disable=not show)
+    for step, (x, y) in enumerate(bar, start=1):
+        x, y = batches.prepare(x), y.to(batches.device, non_blocking=True)
+        with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=batches.amp):
+            loss = loss_fn(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if params.grad_clip:
+            nn.utils.clip_grad_norm_(net.parameters(), params.grad_clip)
+        opt.step()
+        sched.step_update(step0 + step)
+        total, seen = total + loss.item() * len(y), seen + len(y)
+        bar.set_postfix(loss=f"{total / seen:.3f}")
+    return total / seen, seen, time.perf_counter() - start
+
+
+def wrap_model(
+    model: nn.Module, params: TrainParams, info: DistInfo, device: torch.device
+) -> nn.Module:
+    """The module the training step calls: DDP under torchrun, compiled when asked."""
+    net = model
+    if info.world > 1:  # wrap after requires_grad is set: DDP syncs only trainable params
+        net = DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    return torch.compile(net) if params.compile else net
+
+
+def restore(
+    state: dict,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: LRSchedule,
+    generator: torch.Generator,
+    info: DistInfo,
+) -> Progress:
+    """Load a resume checkpoint into the training objects; return the progress it holds."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["schedule"])
+    runtime.set_rng_state(state["rng"][info.rank], generator)
+    return Progress(sched.params.monitor, *(state[k] for k in PROGRESS_KEYS))
+
+
 def fit(
     model: nn.Module,
     train: tuple[np.ndarray, np.ndarray],
@@ -181,8 +283,10 @@ def fit(
     unfinished checkpoint (same `run_id`) is continued instead of starting over.
     """
     device = runtime.init_distributed(info, select_device(params.device))
-    memory_format = torch.channels_last if device.type in ("cpu", "cuda") else torch.preserve_format
-    model.to(device, memory_format=memory_format)  # channels_last: ~20% faster convs on CPU
+    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
+    batches = Batches(device, mean, std, params.amp and device.type == "cuda")
+    model.to(device, memory_format=batches.memory_format)
     generator = torch.Generator().manual_seed(params.seed + info.rank)
     dataset = ArrayDataset(train[0], train[1], build_transform(aug, train[0].shape[1]))
     loader = build_loader(dataset, params, generator, info, device.type == "cuda")
@@ -190,107 +294,59 @@ def fit(
     scale = params.unfreeze_lr_factor if freeze_epochs else 1.0
     opt = build_optimizer(model, params, head_names(model), body_lr_scale=scale)
     sched = LRSchedule(opt, params, len(loader))
-    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    amp = params.amp and device.type == "cuda"
-    higher_better = params.monitor != "val_loss"
-    best, best_state, history, stale, start = -np.inf, None, [], 0, 1
+    progress, start = Progress(params.monitor), 1
     state = runtime.load_resume(resume_file, run_id, info.is_main) if resume_file else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["schedule"])
-        best, best_state, stale = state["best"], state["best_state"], state["stale"]
-        history, start = state["history"], state["epoch"] + 1
-        runtime.set_rng_state(state["rng"][info.rank], generator)
-        for row in history:
+        progress, start = restore(state, model, opt, sched, generator, info), state["epoch"] + 1
+        for row in progress.history:
             log_row(live, row)
         if info.is_main:
-            tqdm.write(f"resuming from {resume_file} after epoch {state['epoch']}")
-    trainable, net = None, model
+            tqdm.write(f"resuming from {resume_file} after epoch {start - 1}")
+    phase = None
     for epoch in range(start, params.epochs + 1):
-        phase = (epoch <= freeze_epochs, trainable_from)
-        if phase != trainable:  # (re)wrap: DDP only syncs parameters that require grad
-            set_trainable(model, *phase)
-            trainable, net = phase, model
-            if info.world > 1:
-                net = DistributedDataParallel(model, [device] if device.type == "cuda" else None)
-            if params.compile:
-                net = torch.compile(net)
+        if phase != (epoch <= freeze_epochs):
+            phase = epoch <= freeze_epochs
+            set_trainable(model, phase, trainable_from)
+            net = wrap_model(model, params, info, device)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         model.train()
-        start_time, total, seen = time.perf_counter(), 0.0, 0
-        step0 = (epoch - 1) * len(loader)
-        desc = f"epoch {epoch}/{params.epochs}"
-        bar = tqdm(loader, desc=desc, leave=False, mininterval=1, disable=not info.is_main)
-        for step, (x, y) in enumerate(bar, start=1):
-            x = normalize(x.to(device, non_blocking=True), mean, std)
-            x = x.contiguous(memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(net(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if params.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            opt.step()
-            sched.step_update(step0 + step)
-            total, seen = total + loss.item() * len(y), seen + len(y)
-            bar.set_postfix(loss=f"{total / seen:.3f}")
-        seconds = time.perf_counter() - start_time
+        loss, seen, seconds = train_epoch(
+            net, loader, opt, sched, loss_fn, batches, params, epoch, info.is_main
+        )
         row = None
-        if info.is_main:
+        if info.is_main:  # rank 0 validates; every rank gets the same row
             scores = validate(model, val[0], val[1], meta, device, loss_fn)
             row = {
                 "epoch": epoch,
-                "train_loss": total / seen,
-                "lr": opt.param_groups[-1]["lr"],
+                "train_loss": loss,
+                "lr": opt.param_groups[-1]["lr"],  # the head's group: lr_scale 1
                 "images_per_second": seen * info.world / seconds,
                 "epoch_seconds": seconds,
                 **{f"val_{k}": v for k, v in scores.items()},
             }
         row = runtime.broadcast(row, info)
-        history.append(row)
         log_row(live, row)
-        score = row[params.monitor] if higher_better else -row[params.monitor]
-        score = -np.inf if np.isnan(score) else score
-        if best_state is None or score > best:
-            best, stale, row["best"] = score, 0, True
-            best_state = copy.deepcopy(model.state_dict()) if info.is_main else {}
-        else:
-            stale += 1
-        sched.step_epoch(score)
-        finished = stale >= params.patience or epoch == params.epochs
+        progress.record(row, model, keep_weights=info.is_main)
+        sched.step_epoch(progress.score(row))
+        finished = progress.stale >= params.patience or epoch == params.epochs
         rng = runtime.gather(runtime.rng_state(generator), info)
         if resume_file and info.is_main and not finished:
-            runtime.save_resume(
-                resume_file,
-                {
-                    "fingerprint": run_id,
-                    "epoch": epoch,
-                    "finished": False,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "schedule": sched.state_dict(),
-                    "best": best,
-                    "best_state": best_state,
-                    "stale": stale,
-                    "history": history,
-                    "rng": rng,
-                },
-            )
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng}
+            state |= {k: getattr(progress, k) for k in PROGRESS_KEYS}
+            state |= {"schedule": sched.state_dict(), "fingerprint": run_id, "epoch": epoch}
+            runtime.save_resume(resume_file, {**state, "finished": False})
         if info.is_main:
             tqdm.write(
-                f"epoch {epoch}: train_loss {row['train_loss']:.3f}  val_loss "
-                f"{row['val_loss']:.3f}  {params.monitor} {row[params.monitor]:.3f}  "
+                f"epoch {epoch}: train_loss {loss:.3f}  val_loss {row['val_loss']:.3f}  "
+                f"{params.monitor} {row[params.monitor]:.3f}  "
                 f"{row['images_per_second']:.0f} img/s"
             )
         if finished:
             break
     if resume_file and info.is_main:  # a small marker: DVC expects the output to exist
         runtime.save_resume(resume_file, {"fingerprint": run_id, "finished": True})
-    return best_state, history
+    return progress.best_state, progress.history
 
 
 def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:

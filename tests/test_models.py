@@ -48,6 +48,17 @@ def test_weights_file_loads_and_adapts_the_first_conv(tmp_path, empty_caches):
     assert gray.fc.out_features == 3 and gray.weights_source == str(tmp_path / "w.pth")
 
 
+def test_a_model_pt_can_seed_another_run(tmp_path, empty_caches):
+    torch.manual_seed(0)
+    first = build_model(ModelParams(name="resnet10t"), 3, 1)
+    save_checkpoint(tmp_path / "model.pt", first, {"model_name": "resnet10t"})
+    params = ModelParams(name="resnet10t", pretrained=True, weights=str(tmp_path / "model.pt"))
+    second = build_model(params, 5, 1)
+    assert torch.equal(second.conv1[0].weight, first.conv1[0].weight)  # gray stays gray
+    assert torch.equal(second.layer2[0].conv1.weight, first.layer2[0].conv1.weight)
+    assert second.fc.out_features == 5
+
+
 def test_weights_file_for_another_model_is_refused(tmp_path, empty_caches):
     torch.save(reference_weights("resnet18"), tmp_path / "w.pth")
     params = ModelParams(name="resnet10t", pretrained=True, weights=str(tmp_path / "w.pth"))

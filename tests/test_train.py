@@ -281,3 +281,16 @@ def test_fingerprint_tracks_params_data_and_code(tmp_path):
     assert base != runtime.fingerprint({"lr": 0.2}, [data], [code])
     data.write_text("b")
     assert base != runtime.fingerprint({"lr": 0.1}, [data], [code])
+
+
+@pytest.mark.slow
+def test_compile_trains_and_keeps_plain_weight_names():
+    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    params = TrainParams(epochs=1, batch_size=16, warmup_epochs=0, compile=True)
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="resnet10t"), 2, 1)
+    state, history = train.fit(
+        model, separable_data(48), separable_data(24, 16, 1), meta, params, NO_AUG, 0
+    )
+    assert set(state) == set(build_model(ModelParams(name="resnet10t"), 2, 1).state_dict())
+    assert np.isfinite(history[0]["train_loss"])
