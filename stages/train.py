@@ -397,7 +397,7 @@ def run(
     # only rank 0 writes; other ranks train their share and stop here
     outputs = atomic_dir(plots_dir) if info.is_main else contextlib.nullcontext(None)
     try:
-        with outputs as tmp:
+        with runtime.sigterm_as_exit(), outputs as tmp:
             live = Live(dir=str(tmp / "live"), dvcyaml=False, save_dvc_exp=False) if tmp else None
             best_state, history = fit(
                 model,

@@ -257,6 +257,9 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, subproce
     state = torch.load(last, weights_only=True)
     assert not state["finished"] and 1 <= state["epoch"] < 4, "killed too late to test resume"
     assert not (tmp_path / "models/model.pt").exists()
+    if sig == signal.SIGTERM:  # handled: temporary outputs are removed on the way out
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert [p.name for p in (tmp_path / "plots").iterdir()] == []
     again = medpipe_train(tmp_path, subprocess_env)
     assert f"resuming from models/last.pt after epoch {state['epoch']}" in again.stdout
     assert_same_outputs(reference_run, tmp_path)
@@ -294,3 +297,16 @@ def test_compile_trains_and_keeps_plain_weight_names():
     )
     assert set(state) == set(build_model(ModelParams(name="resnet10t"), 2, 1).state_dict())
     assert np.isfinite(history[0]["train_loss"])
+
+
+def test_pretrained_run_normalises_with_the_weights_statistics(in_tmp):
+    processed = write_processed(in_tmp, ["a", "b"])
+    torch.manual_seed(1)
+    torch.save(build_model(ModelParams(name="resnet10t"), 1000, 3).state_dict(), "w.pth")
+    model_params = ModelParams(name="resnet10t", pretrained=True, weights="w.pth")
+    params = TrainParams(epochs=1, batch_size=16, warmup_epochs=0)
+    train.run(model_params, params, NO_AUG, processed_dir=processed)
+    _, meta = load_checkpoint(in_tmp / "models/model.pt")
+    # ImageNet mean/std averaged over RGB for gray input, not the dataset's 0.3/0.3
+    assert meta["mean"] == [0.449] and meta["std"] == [0.226]
+    assert meta["weights_source"] == "w.pth"
