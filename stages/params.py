@@ -149,7 +149,9 @@ class ModelParams(Section):
     weights: str | None = Field(
         None, description="Path of a state dict (.pth/.bin/.safetensors) for pretrained weights."
     )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout before the classifier (and inside the MLP head)."
+    )
     freeze_epochs: int = Field(
         0, ge=0, description="Epochs to train only the classifier head before unfreezing."
     )
@@ -233,13 +235,19 @@ class TrainParams(Section):
         description="balanced: draw training images with replacement, each class equally "
         "often (seeded WeightedRandomSampler); none: plain shuffle.",
     )
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Label smoothing (single-label tasks)."
+    )
     patience: int = Field(
         6, ge=1, description="Stop after this many epochs without improvement of monitor."
     )
     monitor: Literal[
         "val_loss", "val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"
-    ] = Field("val_f1_macro", description="Validation metric for early stopping and best epoch.")
+    ] = Field(
+        "val_f1_macro",
+        description="Validation metric for early stopping, best epoch and the plateau "
+        "schedule (multilabel: val_roc_auc is the macro AUC over labels).",
+    )
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto = CUDA, then MPS, then CPU."
