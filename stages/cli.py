@@ -6,6 +6,8 @@ written); then the stage's `run()` receives only its own section objects.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,10 +71,13 @@ def preprocess(params_file: Path = ParamsOption) -> None:
 
 @app.command()
 def train(params_file: Path = ParamsOption) -> None:
-    """Train the model; write models/model.pt and metrics/train.json."""
+    """Train the model; write models/model.pt and metrics/train.json (torchrun: DDP)."""
     from stages import train as stage
 
     p = _params(params_file)
+    if p.train.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
+        command = stage.runtime.torchrun_command(params_file, p.train.nproc_per_node)
+        raise typer.Exit(subprocess.call(command))
     _run(lambda: stage.run(p.model, p.train, p.augment))
 
 

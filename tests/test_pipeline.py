@@ -102,3 +102,25 @@ def test_compare_page_lists_both_experiments(repo, env):
     assert "<td>24</td>" in table  # the preprocess.size experiment
     for div in ("metric-vs-param", "val-curves", "parallel"):
         assert f'id="{div}"' in page
+
+
+def test_queued_experiments_both_run(repo, env):
+    """The README's sweep recipe: queue experiments, run the queue, find both results.
+
+    Queued experiments run in temporary copies of the last commit: they see only files
+    tracked by git or DVC, so code must be committed before queueing.
+    """
+    sh(repo, env, "git", "checkout", "-q", "--", ".")
+    for lr in ("0.01", "0.02"):
+        sh(repo, env, "dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}")
+    sh(repo, env, "dvc", "exp", "run", "--run-all", "-j", "1")
+    status = sh(repo, env, "dvc", "queue", "status")
+    assert status.count("Success") == 2, status
+    shown = json.loads(sh(repo, env, "dvc", "exp", "show", "--json"))
+    runs = {}
+    for exp in (e for commit in shown for e in commit.get("experiments") or []):
+        data = exp["revs"][0]["data"]
+        lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
+        runs[lr] = data["metrics"]["metrics/evaluate.json"]["data"]["accuracy"]
+    assert {0.01, 0.02} <= set(runs), runs
+    assert all(0 <= runs[lr] <= 1 for lr in (0.01, 0.02))

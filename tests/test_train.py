@@ -1,13 +1,27 @@
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
-from stages import train
-from stages.models import build_model
+from stages import metrics, runtime, train
+from stages.io import LABEL_SEPARATOR, write_json
+from stages.models import build_model, load_checkpoint, predict
+from stages.optim import class_weights
 from stages.params import AugmentParams, ModelParams, TrainParams
+from tests.conftest import BIN, write_params
+
+NO_AUG = AugmentParams(rotation=0, crop_scale=1.0, brightness=0, contrast=0)
+CHEST14 = [f"finding{k:02d}" for k in range(14)]
 
 
 def test_class_weights_are_inverse_frequency():
-    weights = train.class_weights(np.array([0, 0, 0, 1]), 2)
+    weights = class_weights(np.array([0, 0, 0, 1]), 2)
     assert torch.allclose(weights, torch.tensor([4 / 6, 2.0]))
 
 
@@ -36,18 +50,263 @@ def separable_data(n=96, size=16, seed=0):
     return x, y
 
 
+def multilabel_data(n=96, size=16, seed=0, k=len(CHEST14)):
+    """Label j lights up cell j of a 4x4 grid; each label present with p = 0.3."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, k)) < 0.3).astype(np.float32)
+    x = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
+    cell = size // 4
+    for j in range(k):
+        r, c = divmod(j, 4)
+        x[y[:, j] == 1, r * cell + 1 : (r + 1) * cell - 1, c * cell + 1 : (c + 1) * cell - 1] = 230
+    return x, y
+
+
+def write_processed(root: Path, classes: list[str], multilabel: bool = False, n: int = 48) -> Path:
+    """A data/processed folder as the preprocess stage writes it, from generated arrays."""
+    out = root / "data/processed"
+    out.mkdir(parents=True)
+    for i, split in enumerate(("train", "val", "test")):
+        if multilabel:
+            x, y = multilabel_data(n if split == "train" else n // 2, seed=i)
+            labels = [LABEL_SEPARATOR.join(np.array(classes)[row == 1]) for row in y]
+        else:
+            x, y = separable_data(n if split == "train" else n // 2, seed=i)
+            labels = list(np.array(classes)[y])
+        np.save(out / f"{split}_images.npy", x)
+        frame = pd.DataFrame({"image": [f"img{j}.png" for j in range(len(x))], "label": labels})
+        frame.assign(patient_id=frame["image"]).to_csv(out / f"{split}.csv", index=False)
+    meta = {
+        "classes": classes,
+        "task": "multilabel" if multilabel else ("binary" if len(classes) == 2 else "multiclass"),
+        "dataset": "fixture",
+        "preprocess": {"size": 16, "channels": 1},
+        "mean": [0.3],
+        "std": [0.3],
+    }
+    write_json(out / "meta.json", meta)
+    return out
+
+
 def test_fit_learns_a_separable_task_and_is_deterministic():
     meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
     params = TrainParams(epochs=4, batch_size=16, lr=0.01, patience=4, warmup_epochs=0)
-    aug = AugmentParams(rotation=0, crop_scale=1.0, brightness=0, contrast=0)
     results = []
     for _ in range(2):
         torch.manual_seed(0)
         model = build_model(ModelParams(name="resnet10t"), 2, 1)
         state, history = train.fit(
-            model, separable_data(), separable_data(seed=1), meta, params, aug, freeze_epochs=0
+            model, separable_data(), separable_data(seed=1), meta, params, NO_AUG, freeze_epochs=0
         )
         results.append(history)
     assert results[0][-1]["val_accuracy"] > 0.9
     assert [r["val_loss"] for r in results[0]] == [r["val_loss"] for r in results[1]]
     assert set(state) == set(model.state_dict())
+
+
+def test_freeze_then_unfreeze_moves_the_backbone_only_after_freeze_epochs():
+    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    snapshots = []
+    for epochs in (1, 2):
+        torch.manual_seed(0)
+        model = build_model(ModelParams(name="resnet10t"), 2, 1)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        params = TrainParams(epochs=epochs, batch_size=16, warmup_epochs=0, unfreeze_lr_factor=0.1)
+        train.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 1)
+        snapshots.append((start, model.state_dict()))
+    (start1, end1), (start2, end2) = snapshots
+    assert torch.equal(start1["layer1.0.conv1.weight"], end1["layer1.0.conv1.weight"])
+    assert not torch.equal(start1["fc.weight"], end1["fc.weight"])
+    assert not torch.equal(start2["layer1.0.conv1.weight"], end2["layer1.0.conv1.weight"])
+
+
+def test_balanced_sampler_fills_batches_evenly():
+    targets = np.array([0] * 60 + [1] * 6)
+    dataset = train.ArrayDataset(np.zeros((66, 8, 8, 1), np.uint8), targets, torch.nn.Identity())
+    params = TrainParams(batch_size=6, sampler="balanced")
+    loader = train.build_loader(
+        dataset, params, torch.Generator().manual_seed(0), runtime.DistInfo(), False
+    )
+    drawn = torch.cat([y for _, y in loader]).numpy()
+    assert len(drawn) == 66 and 0.35 < drawn.mean() < 0.65  # minority is 9% of the images
+
+
+def test_grad_clip_bounds_the_sgd_step():
+    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    params = TrainParams(
+        epochs=1, batch_size=16, optimizer="sgd", lr=0.1, weight_decay=0, momentum=0,
+        warmup_epochs=0, scheduler="none", grad_clip=1e-6,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="resnet10t"), 2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    train.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 0)
+    steps = 48 // 16
+    change = max(
+        (p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before, strict=True)
+    )
+    assert 0 < change <= steps * 0.1 * 1e-6 * 1.01
+
+
+def test_multilabel_fixture_trains_with_bce_and_scores_macro_auc(in_tmp):
+    processed = write_processed(in_tmp, CHEST14, multilabel=True, n=96)
+    params = TrainParams(
+        epochs=4, batch_size=16, lr=0.01, warmup_epochs=0, monitor="val_roc_auc", patience=4
+    )
+    line = train.run(ModelParams(name="resnet10t"), params, NO_AUG, processed_dir=processed)
+    assert "val_roc_auc" in line
+    history = pd.read_csv(in_tmp / "plots/train/history.csv")
+    auc = history["val_roc_auc"]
+    assert auc.notna().all() and auc.max() > 0.75 and auc.max() > auc[0]  # it learns
+    model, meta = load_checkpoint(in_tmp / "models/model.pt")
+    assert meta["task"] == "multilabel" and meta["classes"] == CHEST14
+    x, y = multilabel_data(64, seed=2)
+    probs = predict(model, x, meta, 64, torch.device("cpu"))
+    assert probs.shape == (64, 14)
+    scores = metrics.summarize_multilabel(y, probs)
+    assert scores["roc_auc"] > 0.75 and 0 <= scores["f1_macro"] <= 1
+
+
+def test_summarize_multilabel_on_known_values():
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32)
+    perfect = metrics.summarize_multilabel(y, y * 0.8 + 0.1)
+    assert perfect["roc_auc"] == 1.0 and perfect["accuracy"] == 1.0 and perfect["f1_macro"] == 1
+    flipped = metrics.summarize_multilabel(y, 1 - y)
+    assert flipped["roc_auc"] == 0.0 and flipped["accuracy"] == 0.0
+
+
+def deterministic_outputs(root: Path) -> tuple[dict, pd.DataFrame, dict]:
+    """train.json and history without timings, and the weights: what must not vary."""
+    summary = json.loads((root / "metrics/train.json").read_text())
+    for key in train.TIMING_KEYS:
+        summary.pop(key)
+    history = pd.read_csv(root / "plots/train/history.csv")
+    history = history.drop(columns=["images_per_second", "epoch_seconds"])
+    weights = torch.load(root / "models/model.pt", weights_only=True)["state_dict"]
+    return summary, history, weights
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    summary_a, history_a, weights_a = deterministic_outputs(a)
+    summary_b, history_b, weights_b = deterministic_outputs(b)
+    assert summary_a == summary_b
+    pd.testing.assert_frame_equal(history_a, history_b, check_exact=True)
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+TRAIN_OVERRIDE = {
+    "augment": {"policy": "trivialaugment"},  # random ops: RNG state must be restored too
+    "train": {"epochs": 4, "patience": 4, "batch_size": 16, "scheduler": "plateau"},
+    "model": {"dropout": 0.2},
+}
+
+
+def medpipe_train(root: Path, env: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [f"{BIN}/medpipe", "train"], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def train_in_process(root: Path) -> None:
+    """`medpipe train` in this process, on `root`'s params.yaml and folders."""
+    from stages.params import load_params
+
+    p = load_params(root / "params.yaml")
+    train.run(
+        p.model, p.train, p.augment, root / "data/processed", root / "models/model.pt",
+        root / "metrics/train.json", root / "plots/train", root / "models/last.pt",
+    )  # fmt: skip
+
+
+def fixture_project(root: Path) -> Path:
+    write_processed(root, ["a", "b"])
+    write_params(root / "params.yaml", TRAIN_OVERRIDE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted run on the two-class fixture."""
+    root = fixture_project(tmp_path_factory.mktemp("reference"))
+    train_in_process(root)
+    return root
+
+
+def test_two_runs_give_identical_metrics_and_weights(reference_run, tmp_path):
+    train_in_process(fixture_project(tmp_path))
+    assert_same_outputs(reference_run, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
+)
+def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, subprocess_env, sig):
+    fixture_project(tmp_path)
+    last = tmp_path / "models/last.pt"
+    proc = subprocess.Popen(
+        [f"{BIN}/medpipe", "train"], cwd=tmp_path, env=subprocess_env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)  # right after the first epoch's checkpoint appeared
+    proc.wait(timeout=60)
+    state = torch.load(last, weights_only=True)
+    assert not state["finished"] and 1 <= state["epoch"] < 4, "killed too late to test resume"
+    assert not (tmp_path / "models/model.pt").exists()
+    if sig == signal.SIGTERM:  # handled: temporary outputs are removed on the way out
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert [p.name for p in (tmp_path / "plots").iterdir()] == []
+    again = medpipe_train(tmp_path, subprocess_env)
+    assert f"resuming from models/last.pt after epoch {state['epoch']}" in again.stdout
+    assert_same_outputs(reference_run, tmp_path)
+    assert torch.load(last, weights_only=True)["finished"]
+
+
+def test_stale_resume_checkpoint_is_ignored_and_removed(tmp_path):
+    path = tmp_path / "last.pt"
+    runtime.save_resume(path, {"fingerprint": "old", "finished": False, "epoch": 1})
+    assert runtime.load_resume(path, "old") is not None
+    assert runtime.load_resume(path, "new") is None and not path.exists()
+    runtime.save_resume(path, {"fingerprint": "same", "finished": True})
+    assert runtime.load_resume(path, "same") is None  # a finished run trains afresh
+
+
+def test_fingerprint_tracks_params_data_and_code(tmp_path):
+    data, code = tmp_path / "train.csv", tmp_path / "train.py"
+    data.write_text("a")
+    code.write_text("x = 1")
+    base = runtime.fingerprint({"lr": 0.1}, [data], [code])
+    assert base == runtime.fingerprint({"lr": 0.1}, [data], [code])
+    assert base != runtime.fingerprint({"lr": 0.2}, [data], [code])
+    data.write_text("b")
+    assert base != runtime.fingerprint({"lr": 0.1}, [data], [code])
+
+
+@pytest.mark.slow
+def test_compile_trains_and_keeps_plain_weight_names():
+    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    params = TrainParams(epochs=1, batch_size=16, warmup_epochs=0, compile=True)
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="resnet10t"), 2, 1)
+    state, history = train.fit(
+        model, separable_data(48), separable_data(24, 16, 1), meta, params, NO_AUG, 0
+    )
+    assert set(state) == set(build_model(ModelParams(name="resnet10t"), 2, 1).state_dict())
+    assert np.isfinite(history[0]["train_loss"])
+
+
+def test_pretrained_run_normalises_with_the_weights_statistics(in_tmp):
+    processed = write_processed(in_tmp, ["a", "b"])
+    torch.manual_seed(1)
+    torch.save(build_model(ModelParams(name="resnet10t"), 1000, 3).state_dict(), "w.pth")
+    model_params = ModelParams(name="resnet10t", pretrained=True, weights="w.pth")
+    params = TrainParams(epochs=1, batch_size=16, warmup_epochs=0)
+    train.run(model_params, params, NO_AUG, processed_dir=processed)
+    _, meta = load_checkpoint(in_tmp / "models/model.pt")
+    # ImageNet mean/std averaged over RGB for gray input, not the dataset's 0.3/0.3
+    assert meta["mean"] == [0.449] and meta["std"] == [0.226]
+    assert meta["weights_source"] == "w.pth"
