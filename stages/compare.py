@@ -11,11 +11,13 @@ import html
 import io
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+import yaml
 
 from stages.io import atomic_path
 from stages.report import Page, render
@@ -67,9 +69,25 @@ def as_numbers(series: pd.Series) -> pd.Series | None:
     return numbers if numbers.notna().all() else None
 
 
-def changed_params(frame: pd.DataFrame) -> list[str]:
-    """Params (dotted keys) whose values differ between experiments."""
-    params = [c for c in frame.columns if "." in c and ":" not in c and not c.startswith("metrics")]
+def param_keys(repo: Path) -> set[str]:
+    """The dotted keys of the repo's params.yaml (metric names can be dotted too, so the
+    columns of `exp_show` alone do not tell params from metrics)."""
+
+    def flatten(tree: dict, prefix: str = "") -> Iterator[str]:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    path = repo / "params.yaml"
+    return set(flatten(yaml.safe_load(path.read_text()) or {})) if path.is_file() else set()
+
+
+def changed_params(frame: pd.DataFrame, keys: set[str]) -> list[str]:
+    """Params columns (`key` or, when DVC disambiguates, `params.yaml:key`) whose values
+    differ between experiments."""
+    params = [c for c in frame.columns if c.removeprefix("params.yaml:") in keys]
     return [c for c in params if frame[c].astype(str).nunique() > 1]
 
 
@@ -89,19 +107,24 @@ def read_history(repo: Path, rev: str) -> pd.DataFrame | None:
     return pd.read_csv(io.StringIO(out.stdout)) if out.returncode == 0 else None
 
 
+def param_text(value: object) -> str:
+    """A param as params.yaml writes it: pandas turns int columns with gaps into floats."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def experiment_table(frame: pd.DataFrame, params: list[str], metrics: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["experiment", *params, *metrics])
     body = []
     for _, row in frame.iterrows():
-        cells = [row["name"], *(row[p] for p in params), *(row[m] for m in metrics)]
-        body.append(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(f'{v:.4f}' if isinstance(v, float) else str(v))}</td>"
-                for v in cells
-            )
-            + "</tr>"
-        )
+        # params as written in params.yaml (0.005, not 0.0050); metrics to 4 decimals
+        cells = [
+            str(row["name"]),
+            *(param_text(row[p]) for p in params),
+            *(f"{v:.4f}" if isinstance(v, float) else str(v) for v in (row[m] for m in metrics)),
+        ]
+        body.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>")
     return (
         f'<table class="sortable"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
@@ -111,7 +134,7 @@ def experiment_table(frame: pd.DataFrame, params: list[str], metrics: list[str])
 def build_page(frame: pd.DataFrame, repo: Path, metric: str, param: str | None) -> str:
     page = Page()
     metric_col = metric_column(frame, metric)
-    params = changed_params(frame)
+    params = changed_params(frame, param_keys(repo))
     metrics = [c for c in (find_column(frame, m) for m in MAIN_METRICS) if c]
     page.section("experiments", "Experiments")
     page.add(
