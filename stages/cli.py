@@ -91,12 +91,47 @@ def evaluate(params_file: Path = ParamsOption) -> None:
 
 
 @app.command()
+def export(params_file: Path = ParamsOption) -> None:
+    """Export models/model.ts (TorchScript) and models/model.onnx, checked against PyTorch."""
+    from stages import export as stage
+
+    p = _params(params_file)
+    _run(lambda: stage.run(p.export))
+
+
+@app.command()
 def embed(params_file: Path = ParamsOption) -> None:
-    """t-SNE/PCA map of the test set's penultimate features."""
+    """t-SNE/UMAP/PCA map of the test set's penultimate features."""
     from stages import embed as stage
 
     p = _params(params_file)
     _run(lambda: stage.run(p.embed))
+
+
+@app.command()
+def explain(params_file: Path = ParamsOption) -> None:
+    """Grad-CAM gallery per class and, where lesion masks exist, the pointing game."""
+    from stages import explain as stage
+
+    p = _params(params_file)
+    _run(lambda: stage.run(p.explain))
+
+
+@app.command("predict")
+def predict_files(
+    paths: list[str] = typer.Argument(
+        ..., help="Image files (PNG, JPEG, TIFF, DICOM), folders, or file.npz#key references."
+    ),
+    model: Path = typer.Option(Path("models/model.pt"), "--model", "-m", help="Checkpoint."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write."),
+    cam: Path | None = typer.Option(None, "--cam", help="Folder for Grad-CAM overlays."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
+    tta: bool = typer.Option(False, "--tta", help="Average over small shifts and a zoom."),
+) -> None:
+    """Classify new images with the preprocessing stored in the checkpoint."""
+    from stages import predict as stage
+
+    _run(lambda: stage.run(paths, model, out, cam, batch_size, tta))
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""embed stage: 2-D map (t-SNE or PCA) of the model's penultimate features on the test set."""
+"""embed stage: 2-D map (t-SNE, UMAP or PCA) of the model's penultimate features on the test set."""
 
 from __future__ import annotations
 
@@ -34,10 +34,26 @@ def stratified_subsample(labels: np.ndarray, max_points: int, seed: int) -> np.n
     return np.sort(np.concatenate(keep))
 
 
+def umap_embedding(features: np.ndarray, params: EmbedParams) -> np.ndarray:
+    """UMAP from the optional `umap-learn` package (extra `[umap]`)."""
+    try:
+        import umap
+    except ImportError:
+        raise RuntimeError(
+            "embed.method umap needs the umap-learn package: pip install 'medpipe[umap]' "
+            "(or pip install umap-learn), or set embed.method to tsne or pca"
+        ) from None
+    neighbors = min(params.n_neighbors, len(features) - 1)
+    reducer = umap.UMAP(n_components=2, n_neighbors=neighbors, random_state=params.seed)
+    return reducer.fit_transform(features)
+
+
 def embed_features(features: np.ndarray, params: EmbedParams) -> np.ndarray:
     """(N, D) features -> (N, 2) coordinates."""
     if params.method == "pca" or len(features) < 5:
         return PCA(n_components=2, random_state=params.seed).fit_transform(features)
+    if params.method == "umap":
+        return umap_embedding(features, params)
     reduced = features
     if features.shape[1] > 50:  # the usual PCA-50 first: faster and less noisy t-SNE
         reduced = PCA(n_components=min(50, len(features)), random_state=params.seed).fit_transform(

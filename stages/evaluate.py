@@ -1,4 +1,5 @@
-"""evaluate stage: test-set metrics with bootstrap CIs, per-class table, confusion and ROC."""
+"""evaluate stage: test-set metrics with bootstrap CIs, calibration, operating threshold,
+per-group and per-class tables, confusion/ROC/PR/reliability series and deployment figures."""
 
 from __future__ import annotations
 
@@ -7,44 +8,226 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_curve
+import torch
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from stages import metrics
-from stages.io import atomic_dir, read_processed, safe_name, write_csv, write_json
-from stages.models import load_checkpoint, predict, select_device
+from stages.io import (
+    atomic_dir,
+    encode_labels,
+    read_processed,
+    safe_name,
+    write_csv,
+    write_json,
+)
+from stages.models import (
+    count_parameters,
+    load_checkpoint,
+    measure_latency,
+    predict,
+    select_device,
+)
 from stages.params import EvaluateParams
 
 PROCESSED_DIR = Path("data/processed")
 MODEL_FILE = Path("models/model.pt")
 METRICS_FILE = Path("metrics/evaluate.json")
 PLOTS_DIR = Path("plots/evaluate")
+GROUP_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
+
+
+def _rounded(values: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
 
 
 def evaluate_probs(
-    y: np.ndarray, probs: np.ndarray, classes: list[str], params: EvaluateParams
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    params: EvaluateParams,
+    multilabel: bool = False,
 ) -> dict:
-    """Everything evaluate.json holds, from labels and predicted probabilities."""
-    result = {k: round(v, 4) for k, v in metrics.summarize(y, probs).items()}
+    """Headline, per-class, calibration and CI figures from labels and probabilities.
+
+    `y` is (N,) class indices, or (N, K) multi-hot when `multilabel`.
+    """
+    summary = metrics.summarize_multilabel if multilabel else metrics.summarize
+    per_class = metrics.per_label if multilabel else metrics.per_class
+    result = _rounded(summary(y, probs))
     result["n_test"] = len(y)
     result["per_class"] = {
-        name: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-        for name, row in metrics.per_class(y, probs, classes).items()
+        name: _rounded(row) for name, row in per_class(y, probs, classes).items()
     }
+    result["ece"] = round(
+        metrics.expected_calibration_error(y, probs, params.calibration_bins, multilabel), 4
+    )
+    result["brier"] = round(metrics.brier_score(y, probs, multilabel), 4)
     if params.bootstrap:
-        result["ci"] = metrics.bootstrap_ci(y, probs, params.bootstrap, params.seed)
+        keys = metrics.MULTILABEL_KEYS if multilabel else metrics.SUMMARY_KEYS
+        result["ci"] = metrics.bootstrap_ci(
+            y, probs, params.bootstrap, params.seed, keys=keys, summary=summary
+        )
     return result
 
 
-def roc_tables(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, pd.DataFrame]:
-    """One-vs-rest ROC points (fpr, tpr, threshold) per class present in the test set."""
-    tables = {}
+def threshold_report(
+    y_val: np.ndarray,
+    p_val: np.ndarray,
+    y_test: np.ndarray,
+    p_test: np.ndarray,
+    params: EvaluateParams,
+) -> dict:
+    """Binary tasks: threshold on P(class 1) chosen on validation, test metrics at 0.5 and at it.
+
+    A validation split without both classes keeps 0.5 (noted in the report as `fallback`).
+    """
+    report: dict = {"method": params.threshold_method}
+    try:
+        chosen = metrics.choose_threshold(
+            y_val, p_val, params.threshold_method, params.target_sensitivity
+        )
+    except ValueError as exc:
+        chosen, report["fallback"] = 0.5, str(exc)
+    val = metrics.binary_at_threshold(y_val, p_val, chosen)
+    return {
+        **report,
+        "value": round(chosen, 4),
+        "val_sensitivity": round(val["sensitivity"], 4),
+        "val_specificity": round(val["specificity"], 4),
+        "at_default": _rounded(metrics.binary_at_threshold(y_test, p_test, 0.5)),
+        "at_chosen": _rounded(metrics.binary_at_threshold(y_test, p_test, chosen)),
+    }
+
+
+def group_metrics(
+    y: np.ndarray, probs: np.ndarray, groups: pd.Series, multilabel: bool = False
+) -> dict[str, dict]:
+    """Headline metrics per value of the manifest's `group` column (empty values skipped)."""
+    summary = metrics.summarize_multilabel if multilabel else metrics.summarize
+    table = {}
+    for name in sorted(set(groups) - {""}):
+        rows = (groups == name).to_numpy()
+        values = summary(y[rows], probs[rows])
+        table[str(name)] = {"n": int(rows.sum()), **_rounded({k: values[k] for k in GROUP_KEYS})}
+    return table
+
+
+def _positives(y: np.ndarray, k: int, multilabel: bool) -> np.ndarray:
+    return y[:, k] == 1 if multilabel else y == k
+
+
+def curve_tables(
+    y: np.ndarray, probs: np.ndarray, classes: list[str], multilabel: bool = False
+) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """One-vs-rest ROC (fpr, tpr, threshold) and PR (recall, precision, threshold) per class
+    that has positives and negatives in the test set."""
+    roc, pr = {}, {}
     for k, name in enumerate(classes):
-        if 0 < (y == k).sum() < len(y):
-            fpr, tpr, thr = roc_curve(y == k, probs[:, k])
-            tables[name] = pd.DataFrame(
-                {"fpr": fpr.round(5), "tpr": tpr.round(5), "threshold": np.clip(thr, 0, 1).round(5)}
-            )
-    return tables
+        positives = _positives(y, k, multilabel)
+        if not 0 < positives.sum() < len(positives):
+            continue
+        fpr, tpr, thr = roc_curve(positives, probs[:, k])
+        roc[name] = pd.DataFrame(
+            {"fpr": fpr.round(5), "tpr": tpr.round(5), "threshold": np.clip(thr, 0, 1).round(5)}
+        )
+        precision, recall, thr = precision_recall_curve(positives, probs[:, k])
+        pr[name] = pd.DataFrame(
+            {
+                "recall": recall.round(5),
+                "precision": precision.round(5),
+                "threshold": np.append(thr, 1.0).round(5),  # last point has no threshold
+            }
+        )
+    return roc, pr
+
+
+def confusion_pairs(
+    y: np.ndarray, pred: np.ndarray, classes: list[str], multilabel: bool = False
+) -> pd.DataFrame:
+    """(actual, predicted) rows for `dvc plots`; multi-label: one row per image and label."""
+    names = np.array(classes)
+    if not multilabel:
+        return pd.DataFrame({"actual": names[y], "predicted": names[pred]})
+
+    def side(present: np.ndarray, k: int) -> np.ndarray:
+        return np.where(present == 1, names[k], f"no {names[k]}")
+
+    k_idx = range(len(classes))
+    return pd.DataFrame(
+        {
+            "actual": np.concatenate([side(y[:, k], k) for k in k_idx]),
+            "predicted": np.concatenate([side(pred[:, k], k) for k in k_idx]),
+        }
+    )
+
+
+def normalized_confusion(pairs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Long table (actual, predicted, count, share): share = count / images of that actual."""
+    counts = pd.crosstab(pairs["actual"], pairs["predicted"])
+    counts = counts.reindex(index=order, columns=order, fill_value=0)
+    shares = counts.div(counts.sum(axis=1).replace(0, 1), axis=0)
+    long = counts.stack().rename("count").to_frame()
+    long["share"] = shares.stack().round(4)
+    return long.rename_axis(["actual", "predicted"]).reset_index()
+
+
+def deployment_figures(
+    model: torch.nn.Module, meta: dict, model_file: Path, device: torch.device, runs: int
+) -> dict:
+    """Parameters, checkpoint size and batch-1 latency on the device used."""
+    figures = {
+        "params_millions": round(count_parameters(model) / 1e6, 3),
+        "model_size_mb": round(model_file.stat().st_size / 1e6, 2),
+    }
+    if runs:
+        figures["latency_ms"] = round(measure_latency(model, meta, device, runs), 3)
+        figures["latency_device"] = (
+            f"{device.type} ({torch.get_num_threads()} threads)"
+            if device.type == "cpu"
+            else device.type
+        )
+    return figures
+
+
+def write_plots(
+    out: Path,
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    params: EvaluateParams,
+    multilabel: bool,
+    threshold: float | None,
+) -> None:
+    names = np.array(classes)
+    pred = (probs >= 0.5).astype(int) if multilabel else probs.argmax(axis=1)
+    pairs = confusion_pairs(y, pred, classes, multilabel)
+    write_csv(out / "confusion.csv", pairs)
+    order = [v for c in classes for v in (c, f"no {c}")] if multilabel else classes
+    write_csv(out / "confusion_normalized.csv", normalized_confusion(pairs, order))
+    columns = {f"prob_{c}": probs[:, k].round(6) for k, c in enumerate(classes)}
+    keep = [c for c in ("image", "patient_id", "group") if c in frame]
+    if multilabel:
+        predicted = ["|".join(names[row == 1]) for row in pred]
+        correct = (pred == y).all(axis=1)
+    else:
+        predicted, correct = names[pred], pred == y
+    table = frame[keep].assign(label=frame["label"], predicted=predicted, correct=correct)
+    if threshold is not None:
+        table["predicted_at_threshold"] = names[(probs[:, 1] >= threshold).astype(int)]
+    write_csv(out / "predictions.csv", table.assign(**columns))
+    roc, pr = curve_tables(y, probs, classes, multilabel)
+    for name in roc:
+        write_csv(out / "roc" / f"{safe_name(name)}.csv", roc[name])
+        write_csv(out / "pr" / f"{safe_name(name)}.csv", pr[name])
+    write_csv(
+        out / "calibration.csv",
+        metrics.reliability_table(y, probs, params.calibration_bins, multilabel).round(5),
+    )
+
+
+def _targets(frame: pd.DataFrame, classes: list[str], multilabel: bool) -> np.ndarray:
+    return encode_labels(frame["label"], classes, True) if multilabel else frame["y"].to_numpy()
 
 
 def run(
@@ -59,31 +242,33 @@ def run(
     model, meta = load_checkpoint(model_file, device)
     images, frame, _ = read_processed(processed_dir, "test")
     classes = meta["classes"]
-    y = frame["y"].to_numpy()
-    probs = predict(model, images, meta, params.batch_size, device)
-    result = evaluate_probs(y, probs, classes, params)
-    pred = probs.argmax(axis=1)
+    multilabel = meta.get("task") == "multilabel"
+    y = _targets(frame, classes, multilabel)
+    probs = predict(model, images, meta, params.batch_size, device, tta=params.tta)
+    result = evaluate_probs(y, probs, classes, params, multilabel)
+    result["tta"] = params.tta
+    threshold = None
+    if len(classes) == 2 and not multilabel:
+        val_images, val_frame, _ = read_processed(processed_dir, "val")
+        p_val = predict(model, val_images, meta, params.batch_size, device, tta=params.tta)[:, 1]
+        result["threshold"] = threshold_report(
+            val_frame["y"].to_numpy(), p_val, y, probs[:, 1], params
+        )
+        threshold = result["threshold"]["value"]
+    if "group" in frame and (frame["group"].astype(str) != "").any():
+        result["per_group"] = group_metrics(y, probs, frame["group"].astype(str), multilabel)
+    result.update(deployment_figures(model, meta, model_file, device, params.latency_runs))
     with atomic_dir(plots_dir) as tmp:
-        names = np.array(classes)
-        write_csv(
-            tmp / "confusion.csv", pd.DataFrame({"actual": names[y], "predicted": names[pred]})
-        )
-        columns = {f"prob_{c}": probs[:, k].round(6) for k, c in enumerate(classes)}
-        keep = [c for c in ("image", "patient_id", "group") if c in frame]
-        write_csv(
-            tmp / "predictions.csv",
-            frame[keep].assign(
-                label=frame["label"], predicted=names[pred], correct=pred == y, **columns
-            ),
-        )
-        for name, table in roc_tables(y, probs, classes).items():
-            write_csv(tmp / "roc" / f"{safe_name(name)}.csv", table)
+        write_plots(tmp, frame, y, probs, classes, params, multilabel, threshold)
     write_json(metrics_file, result)
     ci = result.get("ci", {}).get("accuracy")
     ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    kappa = "" if multilabel else f"kappa {result['kappa']:.3f}, "
+    extra = f", threshold {threshold:.3f}" if threshold is not None else ""
+    latency = f", {result['latency_ms']:.1f} ms/image" if "latency_ms" in result else ""
     return (
         f"evaluate: {len(y):,} test images: accuracy {result['accuracy']:.3f}{ci_text}, "
-        f"balanced {result['balanced_accuracy']:.3f}, F1 {result['f1_macro']:.3f}, "
-        f"kappa {result['kappa']:.3f}, AUC {result['roc_auc']:.3f} "
+        f"balanced {result['balanced_accuracy']:.3f}, F1 {result['f1_macro']:.3f}, {kappa}"
+        f"AUC {result['roc_auc']:.3f}, ECE {result['ece']:.3f}{extra}{latency} "
         f"in {time.perf_counter() - start:.1f} s"
     )

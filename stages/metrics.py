@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 from sklearn import metrics as skm
 from tqdm import tqdm
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
+MULTILABEL_KEYS = ("accuracy", "f1_macro", "f1_micro", "roc_auc")
 
 
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -44,60 +47,204 @@ def summarize(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         }
 
 
-def summarize_multilabel(
-    y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5
-) -> dict[str, float]:
-    """Headline metrics of per-label probabilities (N, K) against multi-hot targets (N, K).
-
-    accuracy is exact-match (all labels right); balanced accuracy, kappa and ROC-AUC are
-    macro averages over the labels that have both positives and negatives.
-    """
-    y = y_true.astype(int)
-    y_pred = (probs >= threshold).astype(int)
-    present = [k for k in range(y.shape[1]) if 0 < y[:, k].sum() < len(y)]
-
-    def macro(score) -> float:
-        return float(np.mean([score(k) for k in present])) if present else float("nan")
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {
-            "accuracy": float(skm.accuracy_score(y, y_pred)),
-            "balanced_accuracy": macro(
-                lambda k: skm.balanced_accuracy_score(y[:, k], y_pred[:, k])
-            ),
-            "f1_macro": float(skm.f1_score(y, y_pred, average="macro", zero_division=0)),
-            "precision_macro": float(
-                skm.precision_score(y, y_pred, average="macro", zero_division=0)
-            ),
-            "recall_macro": float(skm.recall_score(y, y_pred, average="macro", zero_division=0)),
-            "kappa": macro(lambda k: skm.cohen_kappa_score(y[:, k], y_pred[:, k])),
-            "roc_auc": macro(lambda k: skm.roc_auc_score(y[:, k], probs[:, k])),
-        }
-
-
 def per_class(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, dict]:
-    """Precision, recall, F1, support and one-vs-rest AUC for each class."""
+    """Precision, recall, F1, support, one-vs-rest AUC and average precision for each class."""
     y_pred = probs.argmax(axis=1)
     p, r, f, s = skm.precision_recall_fscore_support(
         y_true, y_pred, labels=np.arange(len(classes)), zero_division=0
     )
     table = {}
     for k, name in enumerate(classes):
-        positives = y_true == k
-        auc = (
-            float(skm.roc_auc_score(positives, probs[:, k]))
-            if 0 < positives.sum() < len(y_true)
-            else float("nan")
-        )
         table[name] = {
             "precision": float(p[k]),
             "recall": float(r[k]),
             "f1": float(f[k]),
             "support": int(s[k]),
-            "roc_auc": auc,
+            **_ranking(y_true == k, probs[:, k]),
         }
     return table
+
+
+def _ranking(positives: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """ROC-AUC and average precision of one class's scores; NaN when one side is empty."""
+    if not 0 < positives.sum() < len(positives):
+        return {"roc_auc": float("nan"), "average_precision": float("nan")}
+    return {
+        "roc_auc": float(skm.roc_auc_score(positives, scores)),
+        "average_precision": float(skm.average_precision_score(positives, scores)),
+    }
+
+
+# --- multi-label: targets (N, K) multi-hot, probs (N, K) independent sigmoids ---------------
+
+
+def summarize_multilabel(
+    y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """Headline multi-label metrics; a label counts as predicted when its probability >= threshold.
+
+    `accuracy` is the exact-match (subset) accuracy; `balanced_accuracy`, `kappa` and
+    `roc_auc` are macro means over the labels that have both positives and negatives.
+    """
+    y_pred = (probs >= threshold).astype(int)
+    y_true = y_true.astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        balanced = [
+            skm.balanced_accuracy_score(y_true[:, k], y_pred[:, k])
+            for k in range(y_true.shape[1])
+            if 0 < y_true[:, k].sum() < len(y_true)
+        ]
+        present = [k for k in range(y_true.shape[1]) if 0 < y_true[:, k].sum() < len(y_true)]
+        kappas = [skm.cohen_kappa_score(y_true[:, k], y_pred[:, k]) for k in present]
+        aucs = [_ranking(y_true[:, k] == 1, probs[:, k])["roc_auc"] for k in range(y_true.shape[1])]
+        return {
+            "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+            "balanced_accuracy": float(np.mean(balanced)) if balanced else float("nan"),
+            "f1_macro": float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "f1_micro": float(skm.f1_score(y_true, y_pred, average="micro", zero_division=0)),
+            "precision_macro": float(
+                skm.precision_score(y_true, y_pred, average="macro", zero_division=0)
+            ),
+            "recall_macro": float(
+                skm.recall_score(y_true, y_pred, average="macro", zero_division=0)
+            ),
+            "kappa": float(np.mean(kappas)) if kappas else float("nan"),
+            "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
+            "roc_auc": float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan"),
+        }
+
+
+def per_label(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float = 0.5
+) -> dict[str, dict]:
+    """Per-label precision, recall, F1, support (positives), AUC and average precision."""
+    y_pred = (probs >= threshold).astype(int)
+    table = {}
+    for k, name in enumerate(classes):
+        truth = y_true[:, k].astype(int)
+        p, r, f, _ = skm.precision_recall_fscore_support(
+            truth, y_pred[:, k], labels=[1], zero_division=0
+        )
+        table[name] = {
+            "precision": float(p[0]),
+            "recall": float(r[0]),
+            "f1": float(f[0]),
+            "support": int(truth.sum()),
+            **_ranking(truth == 1, probs[:, k]),
+        }
+    return table
+
+
+# --- calibration ---------------------------------------------------------------------------
+
+
+def confidence_outcomes(
+    y_true: np.ndarray, probs: np.ndarray, multilabel: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, outcome) pairs whose agreement is calibration.
+
+    Single-label: top-label confidence (max probability) and whether the argmax is right.
+    Multi-label: every label's probability and whether the label is present.
+    """
+    if multilabel:
+        return probs.ravel(), y_true.ravel().astype(float)
+    return probs.max(axis=1), (probs.argmax(axis=1) == y_true).astype(float)
+
+
+def reliability_table(
+    y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15, multilabel: bool = False
+) -> pd.DataFrame:
+    """Reliability-diagram series: per non-empty equal-width confidence bin, the mean
+    confidence, the observed accuracy (frequency) and the count."""
+    conf, outcome = confidence_outcomes(y_true, probs, multilabel)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        inside = bins == b
+        if inside.any():
+            rows.append(
+                {
+                    "bin_lower": edges[b],
+                    "bin_upper": edges[b + 1],
+                    "confidence": float(conf[inside].mean()),
+                    "accuracy": float(outcome[inside].mean()),
+                    "count": int(inside.sum()),
+                }
+            )
+    return pd.DataFrame(rows, columns=["bin_lower", "bin_upper", "confidence", "accuracy", "count"])
+
+
+def expected_calibration_error(
+    y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15, multilabel: bool = False
+) -> float:
+    """ECE: count-weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    table = reliability_table(y_true, probs, n_bins, multilabel)
+    weights = table["count"] / table["count"].sum()
+    return float((weights * (table["accuracy"] - table["confidence"]).abs()).sum())
+
+
+def brier_score(y_true: np.ndarray, probs: np.ndarray, multilabel: bool = False) -> float:
+    """Brier score: binary in [0, 1] (positive class), multiclass in [0, 2] (sum over
+    classes, sklearn's convention), multi-label the mean binary score over labels."""
+    if multilabel:
+        return float(np.mean((probs - y_true) ** 2))
+    if probs.shape[1] == 2:
+        return float(skm.brier_score_loss(y_true, probs[:, 1], pos_label=1))
+    return float(skm.brier_score_loss(y_true, probs, labels=np.arange(probs.shape[1])))
+
+
+# --- binary operating point ----------------------------------------------------------------
+
+
+def choose_threshold(
+    y_true: np.ndarray, scores: np.ndarray, method: str, target_sensitivity: float = 0.9
+) -> float:
+    """Threshold on the positive-class probability (positive when score >= threshold).
+
+    youden: maximises sensitivity + specificity - 1; sensitivity: the highest threshold
+    whose sensitivity reaches `target_sensitivity` (so specificity is as high as it can be).
+    """
+    positives = np.asarray(y_true) == 1
+    if not 0 < positives.sum() < len(positives):
+        raise ValueError("choosing a threshold needs positive and negative validation images")
+    fpr, tpr, thresholds = skm.roc_curve(positives, scores)
+    thresholds = np.clip(thresholds, 0.0, 1.0)  # the first is +inf: "nothing positive"
+    if method == "youden":
+        return float(thresholds[np.argmax(tpr - fpr)])
+    if method == "sensitivity":
+        return float(thresholds[np.flatnonzero(tpr >= target_sensitivity - 1e-12)[0]])
+    raise ValueError(f"unknown threshold method {method!r}; use youden or sensitivity")
+
+
+def binary_at_threshold(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Operating-point metrics of `scores >= threshold` against binary labels."""
+    y_true = np.asarray(y_true).astype(int)
+    y_pred = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+
+    def ratio(a: int, b: int) -> float:
+        return float(a / b) if b else float("nan")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kappa = float(skm.cohen_kappa_score(y_true, y_pred, labels=[0, 1]))
+    return {
+        "threshold": float(threshold),
+        "accuracy": ratio(tp + tn, len(y_true)),
+        "balanced_accuracy": (ratio(tp, tp + fn) + ratio(tn, tn + fp)) / 2,
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "precision": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "kappa": kappa,
+        "tp": int(tp),
+        "fp": int(fp),
+        "fn": int(fn),
+        "tn": int(tn),
+    }
 
 
 def bootstrap_ci(
@@ -106,6 +253,7 @@ def bootstrap_ci(
     n_resamples: int,
     seed: int,
     keys: tuple[str, ...] = SUMMARY_KEYS,
+    summary: Callable[[np.ndarray, np.ndarray], dict[str, float]] = summarize,
 ) -> dict[str, list[float]]:
     """Percentile 95% intervals of `keys` over resamples of the test images (with replacement)."""
     rng = np.random.default_rng(seed)
@@ -113,7 +261,7 @@ def bootstrap_ci(
     draws: dict[str, list[float]] = {k: [] for k in keys}
     for _ in tqdm(range(n_resamples), desc="bootstrap", leave=False, mininterval=1):
         idx = rng.integers(0, n, n)
-        values = summarize(y_true[idx], probs[idx])
+        values = summary(y_true[idx], probs[idx])
         for k in keys:
             draws[k].append(values[k])
     return {

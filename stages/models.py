@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from urllib.parse import urlparse
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import load_pretrained
 from torch import nn
@@ -29,6 +32,8 @@ WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
     ),
 }
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TTA_SHIFT = 1 / 32  # of the image side: 2 px at 64 px
+TTA_ZOOM = 1.06
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -296,6 +301,30 @@ def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield images[start : start + batch_size]
 
 
+def to_probabilities(logits: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Softmax over classes, or independent sigmoids for multi-label tasks."""
+    logits = logits.float()
+    return logits.sigmoid() if meta.get("task") == "multilabel" else logits.softmax(dim=1)
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """Identity, four small shifts (edge pixels repeated) and a slight zoom of (B, C, H, W).
+
+    No flips: a chest radiograph mirrored is not the same anatomy (heart, side markers).
+    """
+    h, w = x.shape[-2:]
+    d = max(1, round(TTA_SHIFT * min(h, w)))
+    padded = F.pad(x, (d, d, d, d), mode="replicate")
+    views = [x]
+    for dy, dx in ((0, -d), (0, d), (-d, 0), (d, 0)):
+        views.append(padded[..., d + dy : d + dy + h, d + dx : d + dx + w])
+    ch, cw = round(h / TTA_ZOOM), round(w / TTA_ZOOM)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crop = x[..., top : top + ch, left : left + cw]
+    views.append(F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
+    return views
+
+
 @torch.inference_mode()
 def predict(
     model: nn.Module,
@@ -304,20 +333,66 @@ def predict(
     batch_size: int,
     device: torch.device,
     features: bool = False,
+    tta: bool = False,
 ) -> np.ndarray:
-    """Class probabilities (N, K) — softmax, or per-label sigmoid when meta's task is
-    multilabel — or penultimate features (N, D) when `features`."""
+    """Class probabilities (N, K) (softmax; sigmoid for multi-label), or penultimate features
+    (N, D) when `features`. `tta` averages the probabilities over `tta_views`."""
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    multilabel = meta.get("task") == "multilabel"
     model.eval()
     out = []
     for chunk in iter_batches(images, batch_size):
         x = normalize(to_tensor_batch(chunk).to(device), mean, std)
         if features:
             y = model.forward_head(model.forward_features(x), pre_logits=True)
+        elif tta:
+            y = torch.stack([to_probabilities(model(v), meta) for v in tta_views(x)]).mean(0)
         else:
-            logits = model(x).float()
-            y = logits.sigmoid() if multilabel else logits.softmax(dim=1)
+            y = to_probabilities(model(x), meta)
         out.append(y.float().cpu().numpy())
     return np.concatenate(out)
+
+
+class Deployable(nn.Module):
+    """The model as shipped: float pixel values 0..255 (B, C, S, S) in, probabilities out.
+
+    Normalisation and the output activation are inside, so an exported graph needs only
+    `stages.preprocess.prepare_image` in front of it.
+    """
+
+    def __init__(self, model: nn.Module, meta: dict) -> None:
+        super().__init__()
+        self.model = model
+        self.multilabel = meta.get("task") == "multilabel"
+        self.register_buffer("mean", torch.tensor(meta["mean"]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(meta["std"]).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(normalize(x, self.mean, self.std)).float()
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.inference_mode()
+def measure_latency(
+    model: nn.Module, meta: dict, device: torch.device, runs: int = 50, warmup: int = 10
+) -> float:
+    """Median milliseconds of one batch-1 forward pass (normalisation + model + activation)
+    after `warmup` untimed runs, on `device`."""
+    size, channels = meta["input_size"], meta["channels"]
+    module = Deployable(model, meta).to(device).eval()
+    x = torch.rand(1, channels, size, size, device=device) * 255
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        module(x)
+    sync()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        module(x)
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)

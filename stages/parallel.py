@@ -21,15 +21,24 @@ def available_cores() -> int:
 
 
 @contextlib.contextmanager
-def worker_pool(n_tasks: int) -> Iterator[multiprocessing.pool.Pool | None]:
-    """A process per core when there are several tasks; None: work in this process."""
+def worker_pool(
+    n_tasks: int, preload: str | None = None
+) -> Iterator[multiprocessing.pool.Pool | None]:
+    """A process per core when there are several tasks; None: work in this process.
+
+    Workers are forked from a fresh fork server (which imports `preload` once), not from this
+    process: a fork of a process whose OpenMP/OpenCV thread pools have run (torch, cv2) can
+    hang in the child. Where there is no fork server (Windows, macOS spawn), they are spawned.
+    """
     workers = min(available_cores(), n_tasks)
     if workers < 2:
         yield None
         return
-    # fork: workers inherit the imported modules (spawn would import everything again)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    with multiprocessing.get_context(method).Pool(workers) as pool:
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if preload and context.get_start_method() == "forkserver":
+        context.set_forkserver_preload([preload])  # only read when the server starts
+    with context.Pool(workers) as pool:
         yield pool
 
 
@@ -38,6 +47,6 @@ def ordered_map(func: Callable[[T], R], tasks: list[T], parallel: bool = True) -
 
     Results are yielded as they come, so a caller that writes them out keeps memory flat.
     """
-    with worker_pool(len(tasks) if parallel else 1) as pool:
+    with worker_pool(len(tasks) if parallel else 1, func.__module__) as pool:
         results: Iterable[R] = pool.imap(func, tasks) if pool else map(func, tasks)
         yield from results

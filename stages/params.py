@@ -385,13 +385,64 @@ class EvaluateParams(Section):
         1000, ge=0, le=100_000, description="Bootstrap resamples for 95% CIs (0 = off)."
     )
     seed: int = Field(0, description="Seed of the bootstrap.")
+    threshold_method: Literal["youden", "sensitivity"] = Field(
+        "youden",
+        description="Binary tasks: operating threshold chosen on the validation split, by "
+        "Youden's J (max sensitivity + specificity - 1) or the highest threshold reaching "
+        "evaluate.target_sensitivity.",
+    )
+    target_sensitivity: float = Field(
+        0.9, gt=0.0, le=1.0, description="Sensitivity to reach for threshold_method sensitivity."
+    )
+    calibration_bins: int = Field(
+        15, ge=2, le=100, description="Equal-width confidence bins of ECE and the reliability plot."
+    )
+    tta: bool = Field(
+        False,
+        description="Test-time augmentation: average over small shifts and a zoom "
+        "(no flips: radiographs have laterality).",
+    )
+    latency_runs: int = Field(
+        50, ge=0, le=10_000, description="Timed batch-1 runs for latency_ms (0 = skip)."
+    )
+
+
+class ExportParams(Section):
+    opset: int = Field(18, ge=13, le=25, description="ONNX opset version.")
+    check_images: int = Field(
+        64, ge=1, description="Test images on which the exports are compared with PyTorch."
+    )
+    tolerance: float = Field(
+        1e-4, gt=0.0, le=1.0, description="Largest allowed |probability difference| to PyTorch."
+    )
 
 
 class EmbedParams(Section):
-    method: Literal["tsne", "pca"] = Field("tsne", description="2-D embedding method.")
+    method: Literal["tsne", "umap", "pca"] = Field(
+        "tsne", description="2-D embedding method (umap needs the [umap] extra)."
+    )
     perplexity: float = Field(30.0, gt=1.0, le=200.0, description="t-SNE perplexity.")
+    n_neighbors: int = Field(15, ge=2, le=200, description="UMAP neighbourhood size.")
     max_points: int = Field(1000, ge=10, description="Stratified subsample of the test set.")
     seed: int = Field(0, description="Seed of subsampling and t-SNE.")
+
+
+class ExplainParams(Section):
+    method: Literal["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"] = Field(
+        "gradcam", description="CAM method (pytorch-grad-cam)."
+    )
+    n_images: int = Field(
+        4, ge=1, le=64, description="Gallery images per cell (true/false positives/negatives)."
+    )
+    target_layer: str = Field(
+        "auto",
+        description="Module whose activations are explained: auto = the deepest feature stage "
+        "of the timm model (feature_info) whose map is at least 7 x 7 at the input size "
+        "(layer4 of a ResNet at 224 px, layer2 at 64 px), or a dotted name such as layer3.",
+        min_length=1,
+    )
+    batch_size: int = Field(64, ge=1, description="Images per CAM batch.")
+    seed: int = Field(0, description="Seed of the gallery's choice of images.")
 
 
 class ReportParams(Section):
@@ -413,7 +464,9 @@ class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
     embed: EmbedParams = Field(default_factory=EmbedParams)
+    explain: ExplainParams = Field(default_factory=ExplainParams)
     report: ReportParams = Field(default_factory=ReportParams)
 
 

@@ -176,11 +176,14 @@ def results_section(
             "accuracy",
             "balanced_accuracy",
             "f1_macro",
+            "f1_micro",
             "precision_macro",
             "recall_macro",
             "kappa",
             "roc_auc",
+            "hamming_loss",
         )
+        if k in result
     ]
     page.add(f"<p>{result['n_test']:,} test images; 95% bootstrap intervals.</p>")
     page.add(table(pd.DataFrame(rows, columns=["metric", "value", "CI low", "CI high"])))
@@ -189,13 +192,15 @@ def results_section(
         columns=["class", *next(iter(result["per_class"].values())).keys()],
     )
     page.add(table(per_class))
+    seen = set(confusion["actual"]) | set(confusion["predicted"])
+    order = [*classes, *sorted(seen - set(classes))]  # multi-label adds "no <label>"
     counts = pd.crosstab(confusion["actual"], confusion["predicted"]).reindex(
-        index=classes, columns=classes, fill_value=0
+        index=order, columns=order, fill_value=0
     )
     heat = px.imshow(
         counts.to_numpy(),
-        x=classes,
-        y=classes,
+        x=order,
+        y=order,
         text_auto=True,
         color_continuous_scale="Blues",
         labels={"x": "predicted", "y": "actual"},
@@ -220,6 +225,142 @@ def results_section(
     page.add("</div><div>")
     page.figure(roc, "roc")
     page.add("</div></div>")
+    shares = counts.div(counts.sum(axis=1).replace(0, 1), axis=0).round(3)
+    norm = px.imshow(
+        shares.to_numpy(),
+        x=order,
+        y=order,
+        text_auto=True,
+        zmin=0,
+        zmax=1,
+        color_continuous_scale="Blues",
+        labels={"x": "predicted", "y": "actual"},
+    )
+    norm.update_layout(title="Confusion matrix, share of each actual class", height=380)
+    pr = go.Figure()
+    for c in classes:
+        path = roc_dir.parent / "pr" / f"{safe_name(c)}.csv"
+        if path.is_file():
+            curve = pd.read_csv(path)
+            ap = result["per_class"][c].get("average_precision", float("nan"))
+            pr.add_scatter(x=curve["recall"], y=curve["precision"], name=f"{c} (AP {ap:.3f})")
+    pr.update_layout(
+        title="Precision-recall (one vs rest)",
+        xaxis_title="recall",
+        yaxis_title="precision",
+        height=380,
+    )
+    page.add('<div class="grid"><div>')
+    page.figure(norm, "confusion-normalized")
+    page.add("</div><div>")
+    page.figure(pr, "pr")
+    page.add("</div></div>")
+
+
+def calibration_section(page: Page, result: dict, reliability: pd.DataFrame) -> None:
+    page.section("calibration", "Calibration and operating point")
+    page.add(
+        f"<p>Expected calibration error {result['ece']:.3f} (0 = confidence matches accuracy), "
+        f"Brier score {result['brier']:.3f}. Reliability: mean confidence against observed "
+        "accuracy per confidence bin (marker size = images in the bin).</p>"
+    )
+    fig = go.Figure()
+    fig.add_scatter(
+        x=reliability["confidence"],
+        y=reliability["accuracy"],
+        mode="lines+markers",
+        name="model",
+        marker={"size": 6 + 18 * (reliability["count"] / reliability["count"].max()) ** 0.5},
+        customdata=reliability["count"],
+        hovertemplate="confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} images",
+    )
+    fig.add_scatter(x=[0, 1], y=[0, 1], name="perfect", line={"dash": "dot", "color": "#999"})
+    fig.update_layout(
+        title="Reliability diagram",
+        xaxis_title="confidence",
+        yaxis_title="accuracy",
+        height=380,
+        width=520,
+    )
+    page.figure(fig, "reliability")
+    threshold = result.get("threshold")
+    if threshold:
+        note = (
+            f" ({html.escape(threshold['fallback'])}; 0.5 kept)" if "fallback" in threshold else ""
+        )
+        page.add(
+            f"<p>Operating threshold on P(positive) chosen on the validation split by "
+            f"{html.escape(threshold['method'])}: {threshold['value']:.3f}{note} "
+            f"(validation sensitivity {threshold['val_sensitivity']:.3f}, specificity "
+            f"{threshold['val_specificity']:.3f}). Test metrics at 0.5 and at that threshold:</p>"
+        )
+        keys = [k for k in threshold["at_default"] if k != "threshold"]
+        rows = [(k, threshold["at_default"][k], threshold["at_chosen"][k]) for k in keys]
+        columns = ["metric", "at 0.5", f"at {threshold['value']:.3f}"]
+        page.add(table(pd.DataFrame(rows, columns=columns)))
+    groups = result.get("per_group")
+    if groups:
+        page.add("<p>Metrics per group (manifest column <code>group</code>):</p>")
+        frame = pd.DataFrame([{"group": g, **v} for g, v in groups.items()])
+        page.add(table(frame))
+
+
+def deployment_section(page: Page, result: dict, export: dict | None) -> None:
+    page.section("deployment", "Deployment")
+    rows = [
+        ("parameters (millions)", result.get("params_millions", "")),
+        ("checkpoint size (MB)", result.get("model_size_mb", "")),
+        (
+            f"latency, batch 1, PyTorch ({result.get('latency_device', 'n/a')}) (ms)",
+            result.get("latency_ms", "not measured"),
+        ),
+    ]
+    if export:
+        rows += [
+            ("ONNX Runtime latency, batch 1, CPU (ms)", export["onnx_latency_ms"]),
+            ("TorchScript size (MB)", export["torchscript_size_mb"]),
+            ("ONNX size (MB)", export["onnx_size_mb"]),
+            (
+                f"TorchScript max |diff| to PyTorch ({export['n_checked']} test images)",
+                f"{export['torchscript_max_abs_diff']:.1e}",
+            ),
+            (
+                f"ONNX max |diff| to PyTorch ({export['n_checked']} test images)",
+                f"{export['onnx_max_abs_diff']:.1e}",
+            ),
+        ]
+    page.add(table(pd.DataFrame(rows, columns=["figure", "value"]), floats="{:.3f}"))
+
+
+def explain_section(page: Page, explain: dict, explain_dir: Path, classes: list[str]) -> None:
+    page.section("explain", "Where the model looks (Grad-CAM)")
+    text = (
+        f"{html.escape(explain['method'])} on layer "
+        f"<code>{html.escape(explain['target_layer'])}</code>."
+    )
+    if "pointing_game" in explain:
+        chance = explain.get("pointing_chance_per_class", {})
+        per_class = ", ".join(
+            f"{html.escape(c)} {v:.1%} vs chance {chance.get(c, float('nan')):.1%}"
+            for c, v in explain["pointing_game_per_class"].items()
+        )
+        text += (
+            f" Pointing game: the CAM peak of the true class lies inside the lesion mask in "
+            f"{explain['pointing_game']:.1%} of {explain['n_abnormal']:,} abnormal test images "
+            f"({per_class}); chance (mean lesion area share) is "
+            f"{explain['pointing_chance']:.1%}. Share of CAM energy inside the lesion: "
+            f"{explain['cam_energy_in_mask']:.1%}."
+        )
+    page.add(f"<p>{text}</p>")
+    page.add(
+        "<p>Per class: rows of true positives, false negatives, false positives and true "
+        "negatives with the CAM of that class; lesion outlines in green.</p>"
+    )
+    for c in classes:
+        path = explain_dir / f"{safe_name(c)}.png"
+        if path.is_file():
+            page.add(f"<h3>{html.escape(c)}</h3>")
+            page.add(image_tag(path, f"Grad-CAM gallery for {c}"))
 
 
 def embedding_section(page: Page, embedding: pd.DataFrame, embed: dict) -> None:
@@ -273,7 +414,14 @@ def run(params: Params, params_file: Path, report_file: Path = REPORT_FILE) -> s
     results_section(
         page, result, read_csv("plots/evaluate/confusion.csv"), classes, Path("plots/evaluate/roc")
     )
+    if "ece" in result:
+        calibration_section(page, result, read_csv("plots/evaluate/calibration.csv"))
+    export_file = Path("metrics/export.json")
+    deployment_section(page, result, read_json(export_file) if export_file.is_file() else None)
     embedding_section(page, read_csv("plots/embed/embedding.csv"), read_json("metrics/embed.json"))
+    explain_file = Path("metrics/explain.json")
+    if explain_file.is_file():
+        explain_section(page, read_json(explain_file), Path("plots/explain"), classes)
     page.section("params", "Parameters")
     page.add(f"<pre>{html.escape(raw_params)}</pre>")
     digest = hashlib.sha256(raw_params.encode()).hexdigest()[:12]

@@ -27,11 +27,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from stages import metrics, runtime
+from stages.augment import BatchAugment
 from stages.io import atomic_dir, encode_labels, read_processed, write_csv, write_json
 from stages.models import (
     build_model,
     head_names,
-    normalize,
     predict,
     pretrained_norm,
     save_checkpoint,
@@ -56,43 +56,38 @@ POLICIES = {
 }
 
 
-def build_transform(aug: AugmentParams, size: int) -> nn.Module:
-    """Per-image augmentation on (C, H, W) uint8 tensors."""
-    steps: list[nn.Module] = []
-    if aug.crop_scale < 1:
-        steps.append(
-            v2.RandomResizedCrop(
-                size, scale=(aug.crop_scale, 1.0), ratio=(0.9, 1.1), antialias=True
-            )
-        )
-    if aug.rotation > 0:
-        steps.append(v2.RandomRotation(aug.rotation))
-    if aug.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(aug.hflip))
-    if aug.brightness > 0 or aug.contrast > 0:
-        steps.append(v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
-    if aug.autocontrast > 0:
-        steps.append(v2.RandomAutocontrast(aug.autocontrast))
-    if aug.sharpness > 0:
-        steps.append(v2.RandomAdjustSharpness(2.0, aug.sharpness))
-    if aug.policy != "none":
-        steps.append(POLICIES[aug.policy]())
-    return v2.Compose(steps) if steps else v2.Identity()
+def build_transform(aug: AugmentParams) -> nn.Module | None:
+    """The per-image part of the augmentation, on (C, H, W) uint8 tensors in the loader: only
+    an automatic policy, which has no batched form. The rest runs on whole batches on the
+    training device (`augment.BatchAugment`)."""
+    return POLICIES[aug.policy]() if aug.policy != "none" else None
+
+
+def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """collate_fn for datasets that return whole batches (`__getitems__`)."""
+    return batch
 
 
 class ArrayDataset(Dataset):
-    """Items of a (N, H, W, C) uint8 array as augmented (C, H, W) uint8 tensors, with their
-    target: a class index, or a multi-hot float vector."""
+    """Items of a (N, H, W, C) uint8 array as (C, H, W) uint8 tensors with their target (a
+    class index, or a multi-hot float vector). The loader fetches a batch with one array
+    gather (`__getitems__`), not one Python call per image."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: nn.Module):
+    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: nn.Module | None):
         self.images, self.targets, self.transform = images, targets, transform
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)
-        return self.transform(img), torch.as_tensor(self.targets[i])
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.take(self.images, indices, axis=0)).permute(0, 3, 1, 2)
+        if self.transform is not None:
+            x = torch.stack([self.transform(img) for img in x])
+        return x, torch.from_numpy(np.take(self.targets, indices, axis=0))
 
 
 def set_trainable(model: nn.Module, head_only: bool, trainable_from: str | None = None) -> None:
@@ -147,6 +142,7 @@ def build_loader(
         sampler=sampler,
         drop_last=True,
         generator=generator,
+        collate_fn=keep_batch,
         num_workers=params.num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,  # fresh workers seeded from `generator` each epoch: resumable
@@ -164,12 +160,14 @@ def log_row(live: Live | None, row: dict) -> None:
 
 @dataclass
 class Batches:
-    """How a uint8 batch reaches the model: device, normalisation, memory layout, autocast."""
+    """How a uint8 batch reaches the model: device, augmentation, normalisation, memory
+    layout, autocast."""
 
     device: torch.device
     mean: torch.Tensor  # (1, C, 1, 1)
     std: torch.Tensor
     amp: bool
+    augment: nn.Module | None = None
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -177,8 +175,10 @@ class Batches:
         return torch.channels_last if self.device.type in ("cpu", "cuda") else torch.preserve_format
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
-        return x.contiguous(memory_format=self.memory_format)
+        x = x.to(self.device, non_blocking=True).float() / 255
+        if self.augment is not None:
+            x = self.augment(x)
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
 @dataclass
@@ -285,10 +285,11 @@ def fit(
     device = runtime.init_distributed(info, select_device(params.device))
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    batches = Batches(device, mean, std, params.amp and device.type == "cuda")
-    model.to(device, memory_format=batches.memory_format)
     generator = torch.Generator().manual_seed(params.seed + info.rank)
-    dataset = ArrayDataset(train[0], train[1], build_transform(aug, train[0].shape[1]))
+    augment = BatchAugment(aug, generator)
+    batches = Batches(device, mean, std, params.amp and device.type == "cuda", augment)
+    model.to(device, memory_format=batches.memory_format)
+    dataset = ArrayDataset(train[0], train[1], build_transform(aug))
     loader = build_loader(dataset, params, generator, info, device.type == "cuda")
     loss_fn = build_loss(params, train[1], len(meta["classes"])).to(device)
     scale = params.unfreeze_lr_factor if freeze_epochs else 1.0

@@ -62,3 +62,47 @@ def subprocess_env() -> dict[str, str]:
     env.setdefault("GIT_COMMITTER_NAME", "medpipe-test")
     env.setdefault("GIT_COMMITTER_EMAIL", "test@example.invalid")
     return env
+
+
+def tiny_processed(
+    root: Path, task: str, classes: list[str], n: int = 24, groups: bool = False
+) -> tuple[Path, Path]:
+    """A data/processed-like folder (val and test splits of random 32 px images, labels
+    cycling through the classes) and a random-weight resnet10t checkpoint for it."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import timm
+
+    from stages.models import save_checkpoint
+    from stages.params import PreprocessParams
+
+    processed = root / "processed"
+    processed.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("val", "test"):
+        np.save(processed / f"{split}_images.npy", rng.integers(0, 255, (n, 32, 32, 1), np.uint8))
+        if task == "multilabel":  # every label present and absent somewhere
+            labels = ["|".join(c for k, c in enumerate(classes) if (i >> k) & 1) for i in range(n)]
+        else:
+            labels = [classes[i % len(classes)] for i in range(n)]
+        frame = pd.DataFrame({"image": [f"{split}{i}.png" for i in range(n)], "label": labels})
+        if groups:
+            frame["group"] = np.where(np.arange(n) % 2, "hand", "wrist")
+        frame.to_csv(processed / f"{split}.csv", index=False)
+    meta = {
+        "classes": classes,
+        "task": task,
+        "dataset": "toy",
+        "preprocess": PreprocessParams(size=32).model_dump(),
+        "mean": [0.5],
+        "std": [0.2],
+    }
+    (processed / "meta.json").write_text(json.dumps(meta))
+    checkpoint = root / "model.pt"
+    model = timm.create_model("resnet10t", num_classes=len(classes), in_chans=1)
+    save_checkpoint(
+        checkpoint, model, {**meta, "model_name": "resnet10t", "channels": 1, "input_size": 32}
+    )
+    return processed, checkpoint

@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
+from stages.io import read_image
 from tests.conftest import write_params
 
 runner = CliRunner()
@@ -99,6 +101,29 @@ def test_evaluate(project, monkeypatch):
     assert list(confusion.columns) == ["actual", "predicted"]
     assert len(confusion) == result["n_test"]
     assert (project / "plots/evaluate/roc/normal.csv").exists()
+    for key in ("ece", "brier", "params_millions", "model_size_mb", "latency_ms"):
+        assert result[key] >= 0, key
+    assert result["latency_ms"] > 0 and result["tta"] is False
+    assert list(pd.read_csv(project / "plots/evaluate/pr/normal.csv").columns) == [
+        "recall",
+        "precision",
+        "threshold",
+    ]
+    calibration = pd.read_csv(project / "plots/evaluate/calibration.csv")
+    assert calibration["count"].sum() == result["n_test"]
+    normalized = pd.read_csv(project / "plots/evaluate/confusion_normalized.csv")
+    assert normalized["count"].sum() == result["n_test"]
+    low, high = result["ci"]["accuracy"]
+    assert low <= result["accuracy"] <= high
+
+
+def test_export(project, monkeypatch):
+    line = invoke(project, "export", monkeypatch)
+    assert "TorchScript" in line and "ONNX" in line
+    summary = json.loads((project / "metrics/export.json").read_text())
+    assert summary["torchscript_max_abs_diff"] <= 1e-4 and summary["onnx_max_abs_diff"] <= 1e-4
+    assert (project / "models/model.ts").stat().st_size > 1e5
+    assert (project / "models/model.onnx").stat().st_size > 1e5
 
 
 def test_embed(project, monkeypatch):
@@ -108,12 +133,63 @@ def test_embed(project, monkeypatch):
     assert -1 <= json.loads((project / "metrics/embed.json").read_text())["silhouette"] <= 1
 
 
+def test_explain(project, monkeypatch):
+    line = invoke(project, "explain", monkeypatch)
+    assert "gradcam on layer1" in line and "pointing game" in line  # 8 x 8 at 32 px
+    result = json.loads((project / "metrics/explain.json").read_text())
+    assert 0 <= result["pointing_game"] <= 1 and 0 < result["pointing_chance"] < 1
+    assert result["n_abnormal"] > 0 and result["target_layer"] == "layer1"
+    for name in ("normal", "bacterial", "viral"):
+        with Image.open(project / f"plots/explain/{name}.png") as img:
+            assert img.size[0] > 300 and img.mode == "RGB"
+    gallery = pd.read_csv(project / "plots/explain/gallery.csv")
+    assert set(gallery["cell"]) <= {"TP", "FN", "FP", "TN"} and len(gallery) > 0
+    pointing = pd.read_csv(project / "plots/explain/pointing.csv")
+    assert len(pointing) == result["n_abnormal"]
+    assert set(pointing["label"]) <= {"bacterial", "viral"}  # only images with a lesion
+
+
+def test_predict_matches_evaluate(project, monkeypatch, tmp_path):
+    """Same probabilities as the evaluate stage: preprocessing is shared, not duplicated."""
+    monkeypatch.chdir(project)
+    evaluated = pd.read_csv(project / "plots/evaluate/predictions.csv")
+    refs = [f"data/raw/{ref}" for ref in evaluated["image"]]
+    out = tmp_path / "predictions.csv"
+    result = runner.invoke(app, ["predict", *refs, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"predict: {len(refs)} image(s)" in result.output
+    got = pd.read_csv(out)
+    columns = [c for c in evaluated.columns if c.startswith("prob_")]
+    assert np.abs(got[columns].to_numpy() - evaluated[columns].to_numpy()).max() < 1e-5
+    assert list(got["predicted"]) == list(evaluated["predicted"])
+    # the same images as PNG files in a folder give the same probabilities
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, ref in enumerate(evaluated["image"][:3]):
+        Image.fromarray(read_image(project / "data/raw", ref)).save(folder / f"{i}.png")
+    runner.invoke(app, ["predict", str(folder), "--out", str(out)])
+    from_png = pd.read_csv(out)
+    assert np.abs(from_png[columns].to_numpy() - evaluated[columns].to_numpy()[:3]).max() < 1e-5
+
+
 def test_report(project, monkeypatch):
     line = invoke(project, "report", monkeypatch)
     page = (project / "reports/report.html").read_text()
     assert "MB" in line
-    for anchor in ("data", "preprocessing", "training", "results", "embedding", "params"):
+    for anchor in (
+        "data",
+        "preprocessing",
+        "training",
+        "results",
+        "calibration",
+        "deployment",
+        "embedding",
+        "explain",
+        "params",
+    ):
         assert f'id="{anchor}"' in page
+    assert page.count('<img alt="Grad-CAM gallery for ') == 3  # embedded, one per class
+    assert "Pointing game" in page and "ONNX" in page
     assert page.count("plotly.js v") == 1  # the library is inlined once
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"https?:", page)  # offline
 

@@ -46,3 +46,73 @@ def test_bootstrap_ci_contains_estimate_and_shrinks_with_more_data():
     big_y, big_probs = noisy(2000)
     big = metrics.bootstrap_ci(big_y, big_probs, 200, seed=0)
     assert big["accuracy"][1] - big["accuracy"][0] < ci["accuracy"][1] - ci["accuracy"][0]
+
+
+def calibrated_binary(n, rng, sharpen=1.0):
+    """p ~ U(0, 1), y ~ Bernoulli(p): calibrated; sharpen > 1 pushes p towards 0/1."""
+    p = rng.random(n)
+    y = (rng.random(n) < p).astype(int)
+    q = p**sharpen / (p**sharpen + (1 - p) ** sharpen)
+    return y, np.column_stack([1 - q, q])
+
+
+def test_ece_near_zero_when_calibrated_and_large_when_over_confident():
+    rng = np.random.default_rng(0)
+    y, probs = calibrated_binary(20_000, rng)
+    assert metrics.expected_calibration_error(y, probs, 15) < 0.02
+    y, sharp = calibrated_binary(20_000, rng, sharpen=4.0)
+    assert metrics.expected_calibration_error(y, sharp, 15) > 0.12
+    assert metrics.brier_score(y, sharp) > metrics.brier_score(*calibrated_binary(20_000, rng))
+
+
+def test_reliability_table_counts_every_image_once():
+    rng = np.random.default_rng(1)
+    y, probs = calibrated_binary(500, rng)
+    table = metrics.reliability_table(y, probs, n_bins=10)
+    assert table["count"].sum() == 500
+    assert (table["confidence"] >= table["bin_lower"]).all()
+    assert (table["confidence"] <= table["bin_upper"]).all()
+
+
+def test_brier_conventions():
+    y = np.array([0, 1, 2])
+    assert metrics.brier_score(y, one_hot(y, confidence=1.0)) == 0.0
+    assert metrics.brier_score(y, one_hot((y + 1) % 3, confidence=1.0)) == pytest.approx(2.0)
+    yb = np.array([0, 1])
+    assert metrics.brier_score(yb, np.array([[0.4, 0.6], [0.4, 0.6]])) == pytest.approx(
+        (0.6**2 + 0.4**2) / 2
+    )
+
+
+def test_youden_threshold_separates_and_sensitivity_target_is_met():
+    y = np.array([0] * 50 + [1] * 50)
+    scores = np.concatenate([np.linspace(0.0, 0.3, 50), np.linspace(0.35, 0.6, 50)])
+    t = metrics.choose_threshold(y, scores, "youden")
+    assert 0.3 < t <= 0.35
+    at = metrics.binary_at_threshold(y, scores, t)
+    assert at["sensitivity"] == at["specificity"] == 1.0 and at["tp"] == 50
+    noisy = scores + np.random.default_rng(0).normal(0, 0.1, 100)
+    t90 = metrics.choose_threshold(y, noisy, "sensitivity", 0.9)
+    assert metrics.binary_at_threshold(y, noisy, t90)["sensitivity"] >= 0.9
+    t99 = metrics.choose_threshold(y, noisy, "sensitivity", 0.99)
+    assert t99 <= t90  # more sensitivity costs a lower threshold
+    with pytest.raises(ValueError, match="positive and negative"):
+        metrics.choose_threshold(np.zeros(5), np.linspace(0, 1, 5), "youden")
+
+
+def test_multilabel_metrics_per_label_and_macro():
+    y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]], np.float32)
+    perfect = y * 0.9 + 0.05
+    result = metrics.summarize_multilabel(y, perfect)
+    assert result["accuracy"] == result["f1_macro"] == result["roc_auc"] == 1.0
+    assert result["hamming_loss"] == 0.0
+    wrong = perfect.copy()
+    wrong[:, 2] = 1 - wrong[:, 2]  # third label inverted
+    table = metrics.per_label(y, wrong, ["a", "b", "c"])
+    assert table["a"]["f1"] == 1.0 and table["c"]["roc_auc"] == 0.0
+    assert table["c"]["support"] == 1
+    assert metrics.summarize_multilabel(y, wrong)["roc_auc"] == pytest.approx(2 / 3)
+    ci = metrics.bootstrap_ci(
+        y, wrong, 50, 0, keys=metrics.MULTILABEL_KEYS, summary=metrics.summarize_multilabel
+    )
+    assert set(ci) <= set(metrics.MULTILABEL_KEYS) and "f1_macro" in ci

@@ -25,11 +25,31 @@ def test_class_weights_are_inverse_frequency():
     assert torch.allclose(weights, torch.tensor([4 / 6, 2.0]))
 
 
-def test_transform_keeps_shape_and_dtype():
-    transform = train.build_transform(AugmentParams(policy="trivialaugment", hflip=0.5), 32)
+def test_policy_transform_keeps_shape_and_dtype():
+    transform = train.build_transform(AugmentParams(policy="trivialaugment", hflip=0.5))
     img = torch.randint(0, 255, (1, 32, 32), dtype=torch.uint8)
     out = transform(img)
     assert out.shape == (1, 32, 32) and out.dtype == torch.uint8
+    assert train.build_transform(AugmentParams()) is None  # the rest runs on whole batches
+
+
+def test_loader_gathers_whole_batches_with_a_policy():
+    images = np.arange(10 * 8 * 8, dtype=np.uint8).reshape(10, 8, 8, 1)
+    dataset = train.ArrayDataset(images, np.arange(10), train.build_transform(AugmentParams()))
+    x, y = dataset.__getitems__([3, 1])
+    assert x.shape == (2, 1, 8, 8) and torch.equal(x[1, 0], torch.from_numpy(images[1, :, :, 0]))
+    assert y.tolist() == [3, 1]
+    policy = train.build_transform(AugmentParams(policy="randaugment"))
+    loader = train.build_loader(
+        train.ArrayDataset(images, np.arange(10), policy),
+        TrainParams(batch_size=4),
+        torch.Generator().manual_seed(0),
+        runtime.DistInfo(),
+        False,
+    )
+    batches = list(loader)
+    assert [tuple(x.shape) for x, _ in batches] == [(4, 1, 8, 8)] * 2  # last partial dropped
+    assert all(x.dtype == torch.uint8 for x, _ in batches)
 
 
 def test_freeze_leaves_only_the_head_trainable():

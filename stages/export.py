@@ -1,0 +1,152 @@
+"""export stage: TorchScript and ONNX copies of the model, each checked against PyTorch.
+
+Both take float32 pixel values 0..255 of shape (B, C, S, S) — the output of
+`stages.preprocess.prepare_image`, channels first — and return class probabilities:
+normalisation and softmax/sigmoid are inside the graph (`models.Deployable`). The model's
+meta (classes, preprocessing, input size) is stored in each file.
+
+A separate stage rather than part of evaluate: changing evaluate params (bootstrap, TTA)
+does not re-export, an exporter failure does not hide the test metrics, and the two run
+independently after train.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.io import atomic_path, read_processed, write_json
+from stages.models import Deployable, load_checkpoint, predict
+from stages.params import ExportParams
+
+PROCESSED_DIR = Path("data/processed")
+MODEL_FILE = Path("models/model.pt")
+TORCHSCRIPT_FILE = Path("models/model.ts")
+ONNX_FILE = Path("models/model.onnx")
+METRICS_FILE = Path("metrics/export.json")
+META_KEYS = ("model_name", "classes", "task", "channels", "input_size", "mean", "std", "preprocess")
+
+
+def deploy_meta(meta: dict) -> dict[str, str]:
+    """What a consumer of the exported file needs, as strings (ONNX metadata is str -> str)."""
+    info = {k: meta[k] for k in META_KEYS if k in meta}
+    info["input"] = "float32 (B, C, S, S) pixel values 0..255 after prepare_image"
+    info["output"] = "sigmoid" if meta.get("task") == "multilabel" else "softmax"
+    return {"medpipe": json.dumps(info, sort_keys=True)}
+
+
+def export_torchscript(module: Deployable, example: torch.Tensor, path: Path, meta: dict) -> None:
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream but still the format
+        warnings.simplefilter("ignore", FutureWarning)  # many serving stacks load
+        traced = torch.jit.trace(module, example)
+        torch.jit.save(traced, str(path), _extra_files=deploy_meta(meta))
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+def export_onnx(
+    module: Deployable, example: torch.Tensor, path: Path, meta: dict, opset: int
+) -> None:
+    """ONNX with a dynamic batch axis, weights inside the one file, meta as metadata_props."""
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        input_names=["pixels"],
+        output_names=["probabilities"],
+        dynamic_shapes={"x": {0: batch}},
+        opset_version=opset,
+        external_data=False,
+        verbose=False,
+    )
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, deploy_meta(meta))
+    onnx.save(graph, str(path))
+
+
+def onnx_session(path: Path):  # -> onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def onnx_latency(session, example: np.ndarray, runs: int = 50, warmup: int = 10) -> float:
+    """Median ms of a batch-1 onnxruntime call on CPU after warm-up."""
+    feed = {session.get_inputs()[0].name: example[:1]}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def run(
+    params: ExportParams,
+    processed_dir: Path = PROCESSED_DIR,
+    model_file: Path = MODEL_FILE,
+    torchscript_file: Path = TORCHSCRIPT_FILE,
+    onnx_file: Path = ONNX_FILE,
+    metrics_file: Path = METRICS_FILE,
+) -> str:
+    start = time.perf_counter()
+    device = torch.device("cpu")  # exports are made and checked in float32 on CPU
+    model, meta = load_checkpoint(model_file, device)
+    images, _, _ = read_processed(processed_dir, "test")
+    check = np.array(images[: params.check_images])  # a writable copy of the memmap
+    reference = predict(model, check, meta, 256, device)  # the path evaluate uses
+    pixels = torch.from_numpy(check).permute(0, 3, 1, 2).float().contiguous()  # (B, C, S, S)
+    module = Deployable(model, meta).eval()
+    # both files are checked before either is renamed into place: no unchecked export ships
+    with atomic_path(torchscript_file) as ts_tmp, atomic_path(onnx_file) as onnx_tmp:
+        export_torchscript(module, pixels[:1], ts_tmp, meta)
+        export_onnx(module, pixels[:1], onnx_tmp, meta, params.opset)
+        with torch.inference_mode():
+            ts_probs = load_torchscript(ts_tmp)(pixels).numpy()
+        session = onnx_session(onnx_tmp)
+        onnx_probs = session.run(None, {"pixels": pixels.numpy()})[0]
+        diffs = {
+            "torchscript": float(np.abs(ts_probs - reference).max()),
+            "onnx": float(np.abs(onnx_probs - reference).max()),
+        }
+        worst = max(diffs, key=lambda k: diffs[k])
+        if diffs[worst] > params.tolerance:
+            raise RuntimeError(
+                f"{worst} output differs from PyTorch by {diffs[worst]:.2e} (> export.tolerance "
+                f"{params.tolerance:g}) on test images; nothing was exported"
+            )
+        sizes = {
+            k: round(p.stat().st_size / 1e6, 2) for k, p in (("ts", ts_tmp), ("onnx", onnx_tmp))
+        }
+    summary = {
+        "torchscript_max_abs_diff": float(f"{diffs['torchscript']:.3g}"),
+        "onnx_max_abs_diff": float(f"{diffs['onnx']:.3g}"),
+        "n_checked": len(check),
+        "opset": params.opset,
+        "torchscript_size_mb": sizes["ts"],
+        "onnx_size_mb": sizes["onnx"],
+        "onnx_latency_ms": round(onnx_latency(session, pixels.numpy()), 3),
+    }
+    write_json(metrics_file, summary)
+    return (
+        f"export: {torchscript_file} ({summary['torchscript_size_mb']} MB), {onnx_file} "
+        f"({summary['onnx_size_mb']} MB); max |diff| to PyTorch on {len(check)} test images: "
+        f"TorchScript {diffs['torchscript']:.1e}, ONNX {diffs['onnx']:.1e}"
+        f"; ONNX Runtime {summary['onnx_latency_ms']:.2f} ms/image "
+        f"in {time.perf_counter() - start:.1f} s"
+    )

@@ -1,0 +1,132 @@
+"""`medpipe predict`: classify new image files with a trained model.pt.
+
+The preprocessing stored in the checkpoint is applied through the one definition,
+`stages.preprocess.prepare_image`, and probabilities come from `stages.models.predict` —
+the same two functions behind the processed arrays and the evaluate stage, so a test image
+gets the same probabilities here as in `plots/evaluate/predictions.csv`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from stages.io import atomic_path, read_image, safe_name, write_csv
+from stages.models import load_checkpoint, predict, select_device
+from stages.params import PreprocessParams
+from stages.preprocess import prepare_image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
+SHOWN_ROWS = 20
+
+
+def collect_inputs(paths: list[str]) -> list[str]:
+    """Files as given, folders expanded (recursively, sorted, image suffixes only), and
+    `file.npz#key` references into array files."""
+    refs: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise FileNotFoundError(
+                    f"{raw}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder"
+                )
+            refs += [str(p) for p in found]
+        elif path.is_file() or ("#" in raw and Path(raw.partition("#")[0]).is_file()):
+            refs.append(raw)
+        else:
+            raise FileNotFoundError(f"{raw}: no such file or folder")
+    return refs
+
+
+def load_images(
+    refs: list[str], params: PreprocessParams
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Read and preprocess each input; unreadable ones are returned with the reason."""
+    images, kept, rejected = [], [], []
+    for ref in refs:
+        try:
+            img, _ = prepare_image(read_image(Path(), ref), params)
+        except Exception as exc:  # any unreadable file is reported and skipped, not fatal
+            rejected.append((ref, f"{type(exc).__name__}: {exc}"))
+            continue
+        images.append(img)
+        kept.append(ref)
+    shape = (0, params.size, params.size, params.channels)
+    return (np.stack(images) if images else np.zeros(shape, np.uint8)), kept, rejected
+
+
+def prediction_table(refs: list[str], probs: np.ndarray, meta: dict) -> pd.DataFrame:
+    """path, predicted class (multi-label: `|`-joined labels >= 0.5), its probability, all
+    class probabilities."""
+    names = np.array(meta["classes"])
+    if meta.get("task") == "multilabel":
+        predicted = ["|".join(names[row >= 0.5]) for row in probs]
+    else:
+        predicted = names[probs.argmax(axis=1)].tolist()
+    columns = {f"prob_{c}": probs[:, k].round(6) for k, c in enumerate(names)}
+    return pd.DataFrame(
+        {"path": refs, "predicted": predicted, "confidence": probs.max(axis=1).round(4), **columns}
+    )
+
+
+def format_table(table: pd.DataFrame, rows: int = SHOWN_ROWS) -> str:
+    shown = table.head(rows).copy()
+    shown["path"] = shown["path"].map(lambda p: p if len(p) <= 48 else "..." + p[-45:])
+    text = shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    if len(table) > rows:
+        text += f"\n... {len(table) - rows:,} more rows"
+    return text
+
+
+def write_cams(
+    cam_dir: Path, model, images: np.ndarray, refs: list[str], probs: np.ndarray, meta: dict, device
+) -> None:
+    """Grad-CAM overlay of the predicted (most likely) class per input, as PNGs in cam_dir."""
+    from stages.cam import compute_cams, find_target_layer, overlay
+
+    _, layer = find_target_layer(model, "auto", meta["input_size"])
+    targets = probs.argmax(axis=1)
+    cams = compute_cams(model, images, meta, targets, "gradcam", layer, 32, device)
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    for i, (ref, cam) in enumerate(zip(refs, cams, strict=True)):
+        stem = safe_name(Path(ref.partition("#")[0]).stem + ref.partition("#")[2])
+        name = f"{i:04d}_{stem}_{safe_name(meta['classes'][targets[i]])}.png"
+        with atomic_path(cam_dir / name) as tmp:
+            Image.fromarray(overlay(images[i], cam)).save(tmp, format="PNG")
+
+
+def run(
+    paths: list[str],
+    model_file: Path = Path("models/model.pt"),
+    out_file: Path = Path("predictions.csv"),
+    cam_dir: Path | None = None,
+    batch_size: int = 64,
+    tta: bool = False,
+) -> str:
+    start = time.perf_counter()
+    device = select_device("auto")
+    model, meta = load_checkpoint(model_file, device)
+    refs = collect_inputs(paths)
+    images, kept, rejected = load_images(refs, PreprocessParams(**meta["preprocess"]))
+    skipped = "".join(f"skipped: {ref} ({reason})\n" for ref, reason in rejected)
+    if not kept:
+        raise ValueError(f"none of the {len(refs)} input(s) could be read:\n{skipped.rstrip()}")
+    probs = predict(model, images, meta, batch_size, device, tta=tta)
+    table = prediction_table(kept, probs, meta)
+    write_csv(out_file, table)
+    if cam_dir is not None:
+        write_cams(Path(cam_dir), model, images, kept, probs, meta, device)
+    cams = f", CAM overlays in {cam_dir}" if cam_dir is not None else ""
+    return (
+        f"{format_table(table)}\n{skipped}"
+        f"predict: {len(kept):,} image(s) -> {out_file}{cams}, {len(rejected)} skipped "
+        f"({meta['model_name']}, {meta['input_size']} px) in {time.perf_counter() - start:.1f} s"
+    )

@@ -1,0 +1,185 @@
+"""evaluate's pure parts: threshold report, per-group metrics, curves, confusion tables,
+multi-label outputs, TTA views and the deployment figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from torch import nn
+
+from stages import evaluate
+from stages.models import Deployable, measure_latency, predict, tta_views
+from stages.params import EvaluateParams
+from tests.conftest import tiny_processed
+
+META = {"mean": [0.5], "std": [0.25], "channels": 1, "input_size": 16, "task": "multiclass"}
+
+
+class FixedLogits(nn.Module):
+    """A stand-in network: logits = mean brightness times a fixed vector."""
+
+    def __init__(self, weights: list[float]) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(weights))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2, 3))[:, None] * self.w
+
+
+def test_threshold_chosen_on_validation_and_applied_to_test():
+    rng = np.random.default_rng(0)
+    y_val = rng.integers(0, 2, 300)
+    p_val = np.clip(0.2 + 0.3 * y_val + rng.normal(0, 0.1, 300), 0, 1)  # best cut near 0.35
+    y_test = rng.integers(0, 2, 300)
+    p_test = np.clip(0.2 + 0.3 * y_test + rng.normal(0, 0.1, 300), 0, 1)
+    report = evaluate.threshold_report(y_val, p_val, y_test, p_test, EvaluateParams())
+    assert 0.25 < report["value"] < 0.45
+    chosen, default = report["at_chosen"], report["at_default"]
+    assert chosen["threshold"] == report["value"] and default["threshold"] == 0.5
+    assert chosen["balanced_accuracy"] > default["balanced_accuracy"]  # 0.5 misses positives
+    strict = EvaluateParams(threshold_method="sensitivity", target_sensitivity=0.99)
+    assert (
+        evaluate.threshold_report(y_val, p_val, y_test, p_test, strict)["val_sensitivity"] >= 0.99
+    )
+
+
+def test_threshold_falls_back_to_half_without_both_classes_in_validation():
+    report = evaluate.threshold_report(
+        np.zeros(10, int),
+        np.linspace(0, 1, 10),
+        np.array([0, 1]),
+        np.array([0.2, 0.8]),
+        EvaluateParams(),
+    )
+    assert report["value"] == 0.5 and "fallback" in report
+
+
+def test_group_metrics_split_by_group_and_skip_empty():
+    y = np.array([0, 1, 0, 1, 0, 1])
+    probs = np.eye(2)[np.array([0, 1, 1, 0, 0, 1])] * 0.8 + 0.1
+    groups = pd.Series(["hand", "hand", "wrist", "wrist", "", ""])
+    table = evaluate.group_metrics(y, probs, groups)
+    assert set(table) == {"hand", "wrist"}
+    assert table["hand"]["accuracy"] == 1.0 and table["wrist"]["accuracy"] == 0.0
+    assert table["hand"]["n"] == 2
+
+
+def test_curves_and_normalized_confusion():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.eye(3)[np.array([0, 1, 1, 1, 2, 0])] * 0.7 + 0.1
+    roc, pr = evaluate.curve_tables(y, probs, ["a", "b", "c"])
+    assert set(roc) == set(pr) == {"a", "b", "c"}
+    assert list(pr["b"].columns) == ["recall", "precision", "threshold"]
+    assert pr["b"]["recall"].max() == 1.0
+    pairs = evaluate.confusion_pairs(y, probs.argmax(1), ["a", "b", "c"])
+    norm = evaluate.normalized_confusion(pairs, ["a", "b", "c"])
+    assert len(norm) == 9 and norm["count"].sum() == 6
+    assert norm.groupby("actual")["share"].sum().round(6).eq(1.0).all()
+    row = norm[(norm.actual == "a") & (norm.predicted == "b")]
+    assert row["share"].item() == 0.5
+
+
+def test_multilabel_evaluation_keys_and_confusion_rows():
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32)
+    probs = np.array([[0.9, 0.2], [0.3, 0.8], [0.7, 0.4], [0.1, 0.1]])
+    result = evaluate.evaluate_probs(
+        y, probs, ["a", "b"], EvaluateParams(bootstrap=20), multilabel=True
+    )
+    assert {"accuracy", "f1_macro", "f1_micro", "roc_auc", "ece", "brier", "ci"} <= set(result)
+    assert -1 <= result["kappa"] <= 1  # macro over labels
+    assert result["per_class"]["a"]["f1"] == 1.0
+    pairs = evaluate.confusion_pairs(y.astype(int), (probs >= 0.5).astype(int), ["a", "b"], True)
+    assert len(pairs) == 8 and set(pairs["actual"]) == {"a", "no a", "b", "no b"}
+
+
+def test_predict_uses_sigmoid_for_multilabel_and_softmax_otherwise():
+    images = np.full((3, 16, 16, 1), 200, np.uint8)
+    model = FixedLogits([2.0, 1.0, -1.0])
+    soft = predict(model, images, META, 2, torch.device("cpu"))
+    sig = predict(model, images, {**META, "task": "multilabel"}, 2, torch.device("cpu"))
+    assert np.allclose(soft.sum(1), 1.0)
+    assert not np.allclose(sig.sum(1), 1.0)
+    logits = model(torch.full((1, 1, 16, 16), (200 / 255 - 0.5) / 0.25))
+    assert np.allclose(sig[0], torch.sigmoid(logits)[0].detach().numpy(), atol=1e-6)
+
+
+def test_tta_views_are_small_shifts_and_a_zoom_without_flips():
+    x = torch.arange(64.0).view(1, 1, 8, 8)
+    views = tta_views(x)
+    assert len(views) == 6 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[0], x)
+    flipped = torch.flip(x, dims=[3])
+    assert not any(torch.equal(v, flipped) for v in views)
+    assert torch.equal(views[2][..., :-1], x[..., 1:])  # shifted left by one pixel
+
+
+def test_tta_changes_little_on_a_brightness_model():
+    images = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 1), dtype=np.uint8)
+    model = FixedLogits([1.0, -1.0])
+    plain = predict(model, images, META, 4, torch.device("cpu"))
+    averaged = predict(model, images, META, 4, torch.device("cpu"), tta=True)
+    assert np.abs(plain - averaged).max() < 0.05
+
+
+def test_deployment_figures_on_a_real_checkpoint(tmp_path):
+    from stages.models import save_checkpoint
+
+    model = timm.create_model("resnet10t", num_classes=3, in_chans=1).eval()
+    meta = {**META, "input_size": 32}
+    save_checkpoint(tmp_path / "m.pt", model, meta)
+    figures = evaluate.deployment_figures(model, meta, tmp_path / "m.pt", torch.device("cpu"), 5)
+    n = sum(p.numel() for p in model.parameters())
+    assert figures["params_millions"] == pytest.approx(n / 1e6, abs=1e-3)
+    assert figures["model_size_mb"] == pytest.approx(n * 4 / 1e6, rel=0.05)  # float32 weights
+    assert 0 < figures["latency_ms"] < 10_000 and figures["latency_device"].startswith("cpu")
+
+
+def test_deployable_equals_predict():
+    model = timm.create_model("resnet10t", num_classes=2, in_chans=1).eval()
+    meta = {**META, "input_size": 32}
+    images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 1), dtype=np.uint8)
+    expected = predict(model, images, meta, 5, torch.device("cpu"))
+    with torch.inference_mode():
+        got = Deployable(model, meta)(torch.from_numpy(images).permute(0, 3, 1, 2).float())
+    assert np.abs(got.numpy() - expected).max() < 1e-6
+    assert measure_latency(model, meta, torch.device("cpu"), runs=3, warmup=1) > 0
+
+
+def test_run_binary_with_groups_writes_threshold_and_group_metrics(tmp_path):
+    processed, checkpoint = tiny_processed(tmp_path, "binary", ["normal", "pneumonia"], groups=True)
+    metrics_file, plots = tmp_path / "evaluate.json", tmp_path / "plots"
+    params = EvaluateParams(bootstrap=20, latency_runs=3)
+    line = evaluate.run(params, processed, checkpoint, metrics_file, plots)
+    assert "threshold" in line and "ms/image" in line
+    result = json.loads(metrics_file.read_text())
+    assert result["threshold"]["method"] == "youden"
+    assert 0 <= result["threshold"]["value"] <= 1
+    assert set(result["per_group"]) == {"hand", "wrist"}
+    assert sum(g["n"] for g in result["per_group"].values()) == result["n_test"] == 24
+    table = pd.read_csv(plots / "predictions.csv")
+    expected = np.where(
+        table["prob_pneumonia"] >= result["threshold"]["value"], "pneumonia", "normal"
+    )
+    assert (table["predicted_at_threshold"] == expected).all()
+    assert (plots / "pr/pneumonia.csv").exists() and (plots / "calibration.csv").exists()
+
+
+def test_run_multilabel(tmp_path):
+    classes = ["a", "b", "c"]
+    processed, checkpoint = tiny_processed(tmp_path, "multilabel", classes)
+    metrics_file, plots = tmp_path / "evaluate.json", tmp_path / "plots"
+    evaluate.run(
+        EvaluateParams(bootstrap=10, latency_runs=0), processed, checkpoint, metrics_file, plots
+    )
+    result = json.loads(metrics_file.read_text())
+    assert {"f1_micro", "hamming_loss", "ece", "brier"} <= set(result)
+    assert set(result["per_class"]) == set(classes) and "latency_ms" not in result
+    table = pd.read_csv(plots / "predictions.csv", keep_default_na=False)
+    probs = table[[f"prob_{c}" for c in classes]].to_numpy()
+    assert not np.allclose(probs.sum(axis=1), 1.0)  # sigmoid, not softmax
+    assert len(pd.read_csv(plots / "confusion.csv")) == 24 * 3

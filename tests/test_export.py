@@ -1,0 +1,54 @@
+"""TorchScript and ONNX exports give PyTorch's probabilities (within 1e-4) and carry the meta."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from stages import export
+from stages.models import predict
+from stages.params import ExportParams
+from tests.conftest import tiny_processed
+
+
+# multiclass is exported in tests/test_cli.py::test_export on the trained tiny project
+@pytest.mark.parametrize(("task", "n_classes"), [("multilabel", 4)])
+def test_exports_match_pytorch(tmp_path, task, n_classes):
+    classes = [f"c{k}" for k in range(n_classes)]
+    processed, checkpoint = tiny_processed(tmp_path, task, classes, n=12)
+    ts, onnx_file, metrics = tmp_path / "m.ts", tmp_path / "m.onnx", tmp_path / "export.json"
+    line = export.run(ExportParams(check_images=8), processed, checkpoint, ts, onnx_file, metrics)
+    assert line.startswith("export: ")
+    summary = json.loads(metrics.read_text())
+    assert summary["n_checked"] == 8
+    assert summary["torchscript_max_abs_diff"] <= 1e-4 and summary["onnx_max_abs_diff"] <= 1e-4
+    assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob(".*.tmp"))  # one file
+
+    # independently: load both files and compare with the PyTorch path evaluate uses
+    from stages.models import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    images = np.load(processed / "test_images.npy")
+    expected = predict(model, images, meta, 5, torch.device("cpu"))
+    pixels = images.transpose(0, 3, 1, 2).astype(np.float32)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    got_onnx = session.run(None, {"pixels": pixels})[0]  # batch 12: the batch axis is dynamic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(ts))
+    with torch.inference_mode():
+        got_ts = scripted(torch.from_numpy(pixels)).numpy()
+    assert np.abs(got_onnx - expected).max() < 1e-4
+    assert np.abs(got_ts - expected).max() < 1e-4
+    sums = expected.sum(axis=1)
+    assert np.allclose(sums, 1.0, atol=1e-5) == (task != "multilabel")  # softmax vs sigmoid
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    info = json.loads(props["medpipe"])
+    assert info["classes"] == meta["classes"] and info["preprocess"]["size"] == 32
