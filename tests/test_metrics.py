@@ -116,3 +116,35 @@ def test_multilabel_metrics_per_label_and_macro():
         y, wrong, 50, 0, keys=metrics.MULTILABEL_KEYS, summary=metrics.summarize_multilabel
     )
     assert set(ci) <= set(metrics.MULTILABEL_KEYS) and "f1_macro" in ci
+
+
+def test_class_bootstrap_ci_contains_per_class_estimates():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    pred = np.where(rng.random(300) < 0.75, y, rng.integers(0, 3, 300))
+    probs = one_hot(pred)
+    classes = ["a", "b", "c"]
+    table = metrics.per_class(y, probs, classes)
+    flat = metrics.class_scores(y, probs)
+    ci = metrics.class_bootstrap_ci(y, probs, classes, 300, seed=0)
+    assert set(ci) == set(classes)
+    for name in classes:
+        assert set(ci[name]) == set(metrics.CLASS_CI_KEYS)
+        for key, (lo, hi) in ci[name].items():
+            assert flat[f"{classes.index(name)}/{key}"] == pytest.approx(table[name][key])
+            assert lo <= table[name][key] <= hi and hi - lo < 0.3
+    assert metrics.class_bootstrap_ci(y, probs, classes, 300, seed=0) == ci  # seeded
+
+
+def test_class_bootstrap_ci_multilabel_matches_per_label():
+    rng = np.random.default_rng(1)
+    y = (rng.random((200, 2)) < 0.4).astype(np.float32)
+    probs = np.clip(y * 0.6 + rng.random((200, 2)) * 0.5, 0, 1)
+    table = metrics.per_label(y, probs, ["a", "b"])
+    ci = metrics.class_bootstrap_ci(y, probs, ["a", "b"], 200, seed=0, multilabel=True)
+    for name in ("a", "b"):
+        for key, (lo, hi) in ci[name].items():
+            assert lo <= table[name][key] <= hi
+    assert metrics.summarize_accuracy(y, probs, multilabel=True)["accuracy"] == pytest.approx(
+        metrics.summarize_multilabel(y, probs)["accuracy"]
+    )

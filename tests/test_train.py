@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from stages import metrics, runtime, train
+from stages import evaluate, metrics, runtime, train
 from stages.io import LABEL_SEPARATOR, write_json
 from stages.models import build_model, load_checkpoint, predict
 from stages.optim import class_weights
-from stages.params import AugmentParams, ModelParams, TrainParams
+from stages.params import AugmentParams, EvaluateParams, ModelParams, TrainParams
 from tests.conftest import BIN, write_params
 
 NO_AUG = AugmentParams(rotation=0, crop_scale=1.0, brightness=0, contrast=0)
@@ -185,6 +185,25 @@ def test_multilabel_fixture_trains_with_bce_and_scores_macro_auc(in_tmp):
     assert probs.shape == (64, 14)
     scores = metrics.summarize_multilabel(y, probs)
     assert scores["roc_auc"] > 0.75 and 0 <= scores["f1_macro"] <= 1
+    # and the evaluate stage scores it per label
+    evaluate.run(EvaluateParams(bootstrap=20, latency_runs=1), processed_dir=processed)
+    result = json.loads((in_tmp / "metrics/evaluate.json").read_text())
+    assert set(result["per_class"]) == set(CHEST14) and result["roc_auc"] > 0.75
+
+
+def test_early_stopping_ends_after_patience_and_keeps_the_best_epoch(monkeypatch):
+    losses = iter([0.5, 0.3, 0.4, 0.35, 0.2, 0.1, 0.1, 0.1])  # scripted validation losses
+    monkeypatch.setattr(
+        train, "validate", lambda *a: {"loss": next(losses), "f1_macro": 0.5, "accuracy": 0.5}
+    )
+    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    params = TrainParams(epochs=8, batch_size=16, warmup_epochs=0, patience=2, monitor="val_loss")
+    model = build_model(ModelParams(name="resnet10t"), 2, 1)
+    data = separable_data(32)
+    _, history = train.fit(model, data, data, meta, params, NO_AUG, 0)
+    # lower val_loss is better: epoch 2 is best; epochs 3 and 4 do not beat it -> stop after 4
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert [bool(row.get("best")) for row in history] == [True, True, False, False]
 
 
 def test_summarize_multilabel_on_known_values():
