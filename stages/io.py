@@ -134,6 +134,33 @@ def npz_writer(
         yield add
 
 
+@contextlib.contextmanager
+def npy_writer(
+    path: Path | str, shape: tuple[int, ...], dtype: np.dtype | type = np.uint8
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """Yield `append(rows)` that streams rows, in order, into a .npy of the given shape
+    (what np.load and mmap_mode read). Plain sequential writes: unlike filling a memory map,
+    written pages do not count against this process's memory, so it stays flat however large
+    the array. Fewer rows than `shape[0]` is an error; the file appears atomically."""
+    dtype = np.dtype(dtype)
+    written = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": tuple(shape)})
+
+        def append(rows: np.ndarray) -> None:
+            nonlocal written
+            rows = np.ascontiguousarray(rows, dtype=dtype)
+            if rows.shape[1:] != tuple(shape[1:]) or written + len(rows) > shape[0]:
+                raise ValueError(f"{path}: rows {rows.shape} do not fit {shape} after {written}")
+            f.write(rows.tobytes())
+            written += len(rows)
+
+        yield append
+        if written != shape[0]:
+            raise ValueError(f"{path}: {written} rows written, {shape[0]} expected")
+
+
 def save_npz(path: Path | str, arrays: dict[str, np.ndarray], compress: bool = False) -> None:
     """Write a dict of arrays as an .npz atomically."""
     with npz_writer(path, compress) as add:

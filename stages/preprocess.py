@@ -7,6 +7,7 @@ files applies exactly the same steps.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from stages.io import (
     LABEL_SEPARATOR,
     SPLITS,
     atomic_dir,
+    npy_writer,
     read_csv,
     read_image,
     read_json,
@@ -101,30 +103,27 @@ def process_split(
 ) -> None:
     """Stream one split into `<split>_images.npy` (N, S, S, C) and, if any, `_masks.npy`."""
     n, s = len(frame), params.size
-    images = np.lib.format.open_memmap(
-        out / f"{split}_images.npy", "w+", np.uint8, (n, s, s, params.channels)
-    )
     has_masks = "mask" in frame and (frame["mask"] != "").any()
-    masks = (
-        np.lib.format.open_memmap(out / f"{split}_masks.npy", "w+", np.uint8, (n, s, s))
-        if has_masks
-        else None
-    )
     refs = list(zip(frame["image"], frame["mask"] if has_masks else [""] * n, strict=True))
     chunks = [(raw_dir, refs[i : i + CHUNK], params) for i in range(0, n, CHUNK)]
     bar = tqdm(total=n, desc=split, leave=False, mininterval=2)
-    start = 0
-    for chunk_images, chunk_masks in ordered_map(prepare_chunk, chunks, n >= PARALLEL_MIN_IMAGES):
-        # results arrive in order and are written at once: memory holds ~workers chunks
-        stop = start + len(chunk_images)
-        images[start:stop] = chunk_images
-        if masks is not None:
-            masks[start:stop] = chunk_masks
-        bar.update(stop - start)
-        start = stop
+    with contextlib.ExitStack() as files:
+        images = files.enter_context(
+            npy_writer(out / f"{split}_images.npy", (n, s, s, params.channels))
+        )
+        masks = (
+            files.enter_context(npy_writer(out / f"{split}_masks.npy", (n, s, s)))
+            if has_masks
+            else None
+        )
+        chunk_results = ordered_map(prepare_chunk, chunks, n >= PARALLEL_MIN_IMAGES)
+        for chunk_images, chunk_masks in chunk_results:
+            # results arrive in order and are written at once: memory holds ~workers chunks
+            images(chunk_images)
+            if masks is not None:
+                masks(chunk_masks)
+            bar.update(len(chunk_images))
     bar.close()
-    images.flush()
-    del images, masks  # close the memory maps before the directory is renamed
 
 
 def prepare_chunk(

@@ -344,7 +344,7 @@ def calibration_section(page: Page, result: dict, reliability: pd.DataFrame) -> 
         keys = [k for k in threshold["at_default"] if k != "threshold"]
         rows = [(k, threshold["at_default"][k], threshold["at_chosen"][k]) for k in keys]
         columns = ["metric", "at 0.5", f"at {threshold['value']:.3f}"]
-        page.add(table(pd.DataFrame(rows, columns=columns)))
+        page.add(table(pd.DataFrame(rows, columns=columns, dtype=object)))
     groups = result.get("per_group")
     if groups:
         page.add(

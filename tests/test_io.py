@@ -142,3 +142,24 @@ def test_count_classes_single_and_multi_label():
     assert io.count_classes(labels, ["a", "b", "c"], False) == {"a": 2, "b": 1, "c": 0}
     multi = pd.Series(["a|c", "", "c"])
     assert io.count_classes(multi, ["a", "b", "c"], True) == {"a": 1, "b": 0, "c": 2}
+
+
+def test_npy_writer_streams_rows_into_a_loadable_array(tmp_path):
+    path = tmp_path / "x.npy"
+    rows = np.arange(5 * 3 * 2, dtype=np.uint8).reshape(5, 3, 2)
+    with io.npy_writer(path, (5, 3, 2)) as append:
+        append(rows[:2])
+        append(rows[2:])
+    assert np.array_equal(np.load(path, mmap_mode="r"), rows)
+
+
+def test_npy_writer_short_or_misshapen_writes_leave_no_file(tmp_path):
+    path = tmp_path / "x.npy"
+    with (
+        pytest.raises(ValueError, match="3 rows written, 5 expected"),
+        io.npy_writer(path, (5, 2)) as append,
+    ):
+        append(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="do not fit"), io.npy_writer(path, (5, 2)) as append:
+        append(np.zeros((3, 4)))
+    assert list(tmp_path.iterdir()) == []
