@@ -110,6 +110,26 @@ def test_split_layout_patient_regex_and_official_splits(tmp_path):
     assert audit["duplicate_overlap"] == 0
 
 
+def test_split_layout_with_the_zoo_rejects_the_same_files(tmp_path):
+    root = tmp_path / "chest_xray"
+    for k, split_name in enumerate(("train", "val", "test")):
+        for i in range(2):
+            noise_png(root / split_name / "NORMAL" / f"IM-{i}.png", seed=10 * k + i)
+    expected = write_image_zoo(root / "train" / "PNEUMONIA")
+    line = download.run(DataParams(source="folder", path=str(root)), tmp_path / "raw")
+    manifest, rejected, _ = read_raw(tmp_path / "raw")
+    bad = {f"train/PNEUMONIA/{n}": r for n, r in expected.items() if r}
+    assert dict(zip(rejected["path"], rejected["reason"], strict=True)).keys() == bad.keys()
+    for path, reason in zip(rejected["path"], rejected["reason"], strict=True):
+        assert bad[path] in reason, (path, reason)
+    assert f"{len(bad)} rejected" in line
+    kept = manifest[manifest["image"].str.contains("PNEUMONIA")]
+    assert len(kept) == sum(1 for r in expected.values() if not r)
+    assert set(kept["source_split"]) == {"train"}
+    m1 = read_image(tmp_path / "raw", "images.zip#train/PNEUMONIA/mono1.dcm")
+    assert m1[0].mean() > m1[-1].mean()  # MONOCHROME1 inverted
+
+
 def test_regex_that_misses_some_files_is_reported(class_tree, tmp_path):
     root, _ = class_tree
     params = DataParams(source="folder", path=str(root), patient_regex=r"IM-(\d+)")
