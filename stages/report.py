@@ -360,7 +360,7 @@ def deployment_section(page: Page, result: dict, export: dict | None) -> None:
         ("parameters (millions)", result.get("params_millions", "")),
         ("checkpoint size (MB)", result.get("model_size_mb", "")),
         (
-            f"latency, batch 1, PyTorch ({result.get('latency_device', 'n/a')}) (ms)",
+            f"latency, batch 1, PyTorch on {result.get('latency_device', 'n/a')} (ms)",
             result.get("latency_ms", "not measured"),
         ),
     ]
@@ -412,10 +412,14 @@ def explain_section(page: Page, explain: dict, explain_dir: Path, classes: list[
             page.add(image_tag(path, f"Grad-CAM gallery for {c}"))
 
 
+METHOD_NAMES = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}
+
+
 def embedding_section(page: Page, embedding: pd.DataFrame, embed: dict) -> None:
     page.section("embedding", "Feature map")
     page.add(
-        f"<p>{html.escape(embed['method'])} of the penultimate features of "
+        f"<p>{html.escape(METHOD_NAMES.get(embed['method'], embed['method']))} map of the "
+        f"penultimate features of "
         f"{embed['n_points']:,} test images; silhouette by true label "
         f"{embed['silhouette']:.3f}. Crosses are misclassified.</p>"
     )
