@@ -134,7 +134,11 @@ class DataParams(Section):
     flag: str | None = Field(
         None, description="MedMNIST flag for source medmnist (2D: pneumoniamnist, chestmnist, ...)."
     )
-    size: Literal[28, 64, 128, 224] = Field(28, description="MedMNIST image size (px).")
+    size: Literal[28, 64, 128, 224] = Field(
+        64,
+        description="MedMNIST image size (px). 64 matches preprocess.size; 28 (the MedMNIST v2 "
+        "benchmark size) loses detail a radiograph classifier can use.",
+    )
     url: str | None = Field(None, description="Archive URL (zip, tar, tar.gz) for source url.")
     sha256: str | None = Field(None, description="SHA-256 of the archive (required for url).")
     mirror: str | None = Field(

@@ -140,7 +140,8 @@ def test_mirror_and_cache_from_environment(site, tmp_path, monkeypatch):
     _, body, path = serve_medmnist(site, tmp_path, monkeypatch, "pneumoniamnist")
     monkeypatch.setenv(fetch.MIRROR_ENV, site.url + "/")
     monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "envcache"))
-    download.run(DataParams(source="medmnist", flag="pneumoniamnist"), tmp_path / "raw")
+    params = DataParams(source="medmnist", flag="pneumoniamnist", size=28)
+    download.run(params, tmp_path / "raw")
     assert site.hits[path] == 1
     assert (tmp_path / "envcache/medmnist/pneumoniamnist.npz").read_bytes() == body
 
