@@ -11,7 +11,7 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
-from stages.io import LABEL_SEPARATOR, encode_labels, read_processed, write_csv, write_json
+from stages.io import LABEL_SEPARATOR, read_processed, targets, write_csv, write_json
 from stages.models import load_checkpoint, predict, select_device
 from stages.params import EmbedParams
 from stages.split import rarest_label
@@ -66,19 +66,16 @@ def embed_features(features: np.ndarray, params: EmbedParams) -> np.ndarray:
     ).fit_transform(reduced)
 
 
-def build_targets(
-    frame: pd.DataFrame, classes: list[str], multilabel: bool
-) -> tuple[np.ndarray, np.ndarray]:
+def build_targets(frame: pd.DataFrame, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     """Targets ((N,) class indices, or (N, K) multi-hot) and a single-label stratum per row.
 
     The stratum drives the subsample and the silhouette score: the class itself, or for
     multi-label data the rarest positive label (as the split stage stratifies; "" for none).
     """
-    if not multilabel:
-        y = frame["y"].to_numpy()
+    y = targets(frame, meta)
+    if meta.get("task") != "multilabel":
         return y, y
-    y = encode_labels(frame["label"], classes, True)
-    return y, rarest_label(frame["label"], classes).to_numpy()
+    return y, rarest_label(frame["label"], meta["classes"]).to_numpy()
 
 
 def label_columns(
@@ -111,7 +108,7 @@ def run(
     model, meta = load_checkpoint(model_file, device)
     images, frame, _ = read_processed(processed_dir, "test")
     classes, multilabel = meta["classes"], meta.get("task") == "multilabel"
-    y, strata = build_targets(frame, classes, multilabel)
+    y, strata = build_targets(frame, meta)
     rows = stratified_subsample(strata, params.max_points, params.seed)
     subset = np.asarray(images[rows])
     features = predict(model, subset, meta, 256, device, features=True)

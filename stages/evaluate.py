@@ -16,9 +16,9 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from stages import metrics
 from stages.io import (
     atomic_dir,
-    encode_labels,
     read_processed,
     safe_name,
+    targets,
     write_csv,
     write_json,
 )
@@ -244,10 +244,6 @@ def write_plots(
     )
 
 
-def _targets(frame: pd.DataFrame, classes: list[str], multilabel: bool) -> np.ndarray:
-    return encode_labels(frame["label"], classes, True) if multilabel else frame["y"].to_numpy()
-
-
 def run(
     params: EvaluateParams,
     processed_dir: Path = PROCESSED_DIR,
@@ -261,7 +257,7 @@ def run(
     images, frame, _ = read_processed(processed_dir, "test")
     classes = meta["classes"]
     multilabel = meta.get("task") == "multilabel"
-    y = _targets(frame, classes, multilabel)
+    y = targets(frame, meta)
     probs = predict(model, images, meta, params.batch_size, device, tta=params.tta)
     result = evaluate_probs(y, probs, classes, params, multilabel)
     result["tta"] = params.tta

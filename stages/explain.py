@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from stages.cam import TILE, compute_cams, find_target_layer, overlay, pointing_game
-from stages.io import atomic_dir, encode_labels, read_processed, safe_name, write_csv, write_json
+from stages.io import atomic_dir, read_processed, safe_name, targets, write_csv, write_json
 from stages.models import load_checkpoint, predict, select_device
 from stages.params import ExplainParams
 
@@ -36,10 +36,12 @@ CELL_NAMES = {
 CAPTION = 18  # px of text above each tile
 
 
-def _text(width: int, height: int, text: str) -> np.ndarray:
+def _text(width: int, height: int, text: str, middle: bool = False) -> np.ndarray:
+    """A white strip with the text on its bottom line (or vertically centred)."""
     strip = np.full((height, width, 3), 255, np.uint8)
+    baseline = height // 2 + 4 if middle else height - 5
     cv2.putText(
-        strip, text, (3, height - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA
+        strip, text, (3, baseline), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA
     )
     return strip
 
@@ -51,7 +53,7 @@ def gallery_image(
     label_w, lines = 150, []
     for cell, tiles in rows.items():
         label = f"{CELL_NAMES[cell]}: {len(tiles)} of {totals[cell]}"
-        cols = [_text(label_w, TILE + CAPTION, label)]
+        cols = [_text(label_w, TILE + CAPTION, label, middle=True)]
         for tile, caption in tiles[:n_images]:
             cols.append(np.vstack([_text(TILE, CAPTION, caption), tile]))
             cols.append(np.full((TILE + CAPTION, 4, 3), 255, np.uint8))
@@ -186,12 +188,7 @@ def run(
     device = select_device("auto")
     model, meta = load_checkpoint(model_file, device)
     images, frame, _ = read_processed(processed_dir, "test")
-    multilabel = meta.get("task") == "multilabel"
-    y = (
-        encode_labels(frame["label"], meta["classes"], True)
-        if multilabel
-        else frame["y"].to_numpy()
-    )
+    y = targets(frame, meta)
     probs = predict(model, images, meta, params.batch_size, device)
     layer_name, layer = find_target_layer(model, params.target_layer, meta["input_size"])
     masks_file = Path(processed_dir) / "test_masks.npy"

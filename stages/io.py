@@ -377,6 +377,14 @@ def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, p
 LABEL_SEPARATOR = "|"
 
 
+def targets(frame: pd.DataFrame, meta: dict) -> np.ndarray:
+    """What a model is scored against, from a `read_processed` frame: class indices (N,), or
+    an (N, K) multi-hot matrix for multi-label tasks (classes in `meta["classes"]` order)."""
+    if meta.get("task") == "multilabel":
+        return encode_labels(frame["label"], meta["classes"], True)
+    return frame["y"].to_numpy(copy=True)  # writable: becomes tensors
+
+
 def encode_labels(labels: pd.Series, classes: list[str], multilabel: bool) -> np.ndarray:
     """Class names -> int indices (N,), or `|`-joined names -> multi-hot float32 (N, K)."""
     lookup = {name: k for k, name in enumerate(classes)}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from stages import metrics, runtime
 from stages.augment import BatchAugment
-from stages.io import atomic_dir, encode_labels, read_processed, write_csv, write_json
+from stages.io import atomic_dir, read_processed, targets, write_csv, write_json
 from stages.models import (
     build_model,
     head_names,
@@ -353,11 +353,7 @@ def fit(
 def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """Images (N, S, S, C) in memory, targets (class indices or multi-hot rows) and meta."""
     images, frame, meta = read_processed(processed_dir, split)
-    if meta.get("task") == "multilabel":
-        targets = encode_labels(frame["label"], meta["classes"], True)
-    else:
-        targets = frame["y"].to_numpy(copy=True)  # writable: becomes tensors
-    return np.asarray(images), targets, meta
+    return np.asarray(images), targets(frame, meta), meta
 
 
 def run(
