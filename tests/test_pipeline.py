@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, write_params
 
@@ -82,6 +83,22 @@ def test_repro_runs_every_stage_then_nothing(repo, env):
     assert "up to date" in again
     sh(repo, env, "git", "add", "-A")
     sh(repo, env, "git", "commit", "-qm", "baseline")
+
+
+def test_where_and_how_keys_rerun_nothing(repo, env):
+    """data.mirror / cache / retries say where and how to fetch, not what: nothing reruns but
+    the report, which prints the whole params.yaml."""
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["data"].update(retries=7, cache=str(repo / "elsewhere"), mirror="http://127.0.0.1:9/")
+    try:
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        assert ran(sh(repo, env, "dvc", "repro")) == {"report"}
+        params["data"]["synthetic"]["seed"] += 1  # what to fetch: download reruns
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        assert "download" in sh(repo, env, "dvc", "status")
+    finally:
+        (repo / "params.yaml").write_text(original)
 
 
 def test_lr_experiment_reruns_only_training_and_after(repo, env):
