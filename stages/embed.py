@@ -11,7 +11,14 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
-from stages.io import LABEL_SEPARATOR, read_processed, targets, write_csv, write_json
+from stages.io import (
+    LABEL_SEPARATOR,
+    check_model_matches_data,
+    read_processed,
+    targets,
+    write_csv,
+    write_json,
+)
 from stages.models import load_checkpoint, predict, select_device
 from stages.params import EmbedParams
 from stages.split import rarest_label
@@ -106,7 +113,8 @@ def run(
     start = time.perf_counter()
     device = select_device("auto")
     model, meta = load_checkpoint(model_file, device)
-    images, frame, _ = read_processed(processed_dir, "test")
+    images, frame, data_meta = read_processed(processed_dir, "test")
+    check_model_matches_data(meta, data_meta, processed_dir)
     classes, multilabel = meta["classes"], meta.get("task") == "multilabel"
     y, strata = build_targets(frame, meta)
     rows = stratified_subsample(strata, params.max_points, params.seed)

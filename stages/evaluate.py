@@ -16,6 +16,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from stages import metrics
 from stages.io import (
     atomic_dir,
+    check_model_matches_data,
     read_processed,
     safe_name,
     targets,
@@ -254,7 +255,8 @@ def run(
     start = time.perf_counter()
     device = select_device("auto")
     model, meta = load_checkpoint(model_file, device)
-    images, frame, _ = read_processed(processed_dir, "test")
+    images, frame, data_meta = read_processed(processed_dir, "test")
+    check_model_matches_data(meta, data_meta, processed_dir)
     classes = meta["classes"]
     multilabel = meta.get("task") == "multilabel"
     y = targets(frame, meta)

@@ -19,7 +19,15 @@ from PIL import Image
 from torch import nn
 
 from stages.cam import TILE, compute_cams, find_target_layer, overlay, pointing_game
-from stages.io import atomic_dir, read_processed, safe_name, targets, write_csv, write_json
+from stages.io import (
+    atomic_dir,
+    check_model_matches_data,
+    read_processed,
+    safe_name,
+    targets,
+    write_csv,
+    write_json,
+)
 from stages.models import load_checkpoint, predict, select_device
 from stages.params import ExplainParams
 
@@ -135,10 +143,11 @@ def write_gallery(
 
 
 def lesion_targets(y: np.ndarray, probs: np.ndarray, multilabel: bool) -> np.ndarray:
-    """The class whose CAM is scored: the true class (multi-label: the likeliest true label)."""
+    """The class whose CAM is scored: the true class (multi-label: the likeliest true label,
+    or the likeliest label when a masked image has none)."""
     if not multilabel:
         return y
-    return np.where(y == 1, probs, -1.0).argmax(axis=1)
+    return np.where(y.any(axis=1), np.where(y == 1, probs, -1.0).argmax(axis=1), probs.argmax(1))
 
 
 def score_lesions(
@@ -187,7 +196,8 @@ def run(
     start = time.perf_counter()
     device = select_device("auto")
     model, meta = load_checkpoint(model_file, device)
-    images, frame, _ = read_processed(processed_dir, "test")
+    images, frame, data_meta = read_processed(processed_dir, "test")
+    check_model_matches_data(meta, data_meta, processed_dir)
     y = targets(frame, meta)
     probs = predict(model, images, meta, params.batch_size, device)
     layer_name, layer = find_target_layer(model, params.target_layer, meta["input_size"])

@@ -377,6 +377,16 @@ def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, p
 LABEL_SEPARATOR = "|"
 
 
+def check_model_matches_data(model_meta: dict, data_meta: dict, processed_dir: Path | str) -> None:
+    """A model must be scored on data with its own classes, in its order, and task."""
+    for key in ("classes", "task"):
+        if model_meta.get(key) != data_meta.get(key):
+            raise ValueError(
+                f"{processed_dir}: {key} {data_meta.get(key)} differ from the model's "
+                f"{model_meta.get(key)}; rerun `medpipe train` (or `dvc repro`)"
+            )
+
+
 def targets(frame: pd.DataFrame, meta: dict) -> np.ndarray:
     """What a model is scored against, from a `read_processed` frame: class indices (N,), or
     an (N, K) multi-hot matrix for multi-label tasks (classes in `meta["classes"]` order)."""

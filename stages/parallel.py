@@ -46,7 +46,9 @@ def ordered_map(func: Callable[[T], R], tasks: list[T], parallel: bool = True) -
     """`map` over tasks, in order, on a process per core when `parallel` and worthwhile.
 
     Results are yielded as they come, so a caller that writes them out keeps memory flat.
+    `func` must be importable by the workers (defined at the top level of a module).
     """
-    with worker_pool(len(tasks) if parallel else 1, func.__module__) as pool:
+    preload = func.__module__ if func.__module__ != "__main__" else None
+    with worker_pool(len(tasks) if parallel else 1, preload) as pool:
         results: Iterable[R] = pool.imap(func, tasks) if pool else map(func, tasks)
         yield from results

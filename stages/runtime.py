@@ -126,19 +126,20 @@ def gather(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every random state training touches (torch, CUDA, numpy, python, the data loader's)."""
+def rng_state(*generators: torch.Generator) -> dict[str, Any]:
+    """Every random state training touches (torch, CUDA, numpy, python, and the given
+    generators: the data loader's, the batch augmentation's)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "python": random.getstate(),
-        "loader": generator.get_state(),
+        "generators": [g.get_state() for g in generators],
     }
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], *generators: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -146,7 +147,8 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    generator.set_state(state["loader"])
+    for generator, saved in zip(generators, state["generators"], strict=True):
+        generator.set_state(saved)
 
 
 def fingerprint(params: dict[str, Any], data_files: list[Path], code_files: list[Path]) -> str:

@@ -49,6 +49,17 @@ RESUME_FILE = Path("models/last.pt")
 METRICS_FILE = Path("metrics/train.json")
 PLOTS_DIR = Path("plots/train")
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
+# the code a resumable run's fingerprint covers (a change starts training afresh)
+CODE_FILES = (
+    "train.py",
+    "optim.py",
+    "models.py",
+    "runtime.py",
+    "metrics.py",
+    "augment.py",
+    "io.py",
+)
+AUG_SEED = 7919  # offset of the augmentation generator's seed from train.seed
 PROGRESS_KEYS = ("history", "best", "best_state", "stale")  # Progress fields, in order
 POLICIES = {
     "trivialaugment": v2.TrivialAugmentWide,
@@ -251,14 +262,14 @@ def restore(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     sched: LRSchedule,
-    generator: torch.Generator,
+    generators: tuple[torch.Generator, ...],
     info: DistInfo,
 ) -> Progress:
     """Load a resume checkpoint into the training objects; return the progress it holds."""
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["schedule"])
-    runtime.set_rng_state(state["rng"][info.rank], generator)
+    runtime.set_rng_state(state["rng"][info.rank], *generators)
     return Progress(sched.params.monitor, *(state[k] for k in PROGRESS_KEYS))
 
 
@@ -285,8 +296,10 @@ def fit(
     device = runtime.init_distributed(info, select_device(params.device))
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    generator = torch.Generator().manual_seed(params.seed + info.rank)
-    augment = BatchAugment(aug, generator)
+    generator = torch.Generator().manual_seed(params.seed + info.rank)  # order, workers
+    # augmentation draws from its own stream: the same whatever num_workers prefetches
+    augment = BatchAugment(aug, torch.Generator().manual_seed(params.seed + info.rank + AUG_SEED))
+    generators = (generator, augment.generator)
     batches = Batches(device, mean, std, params.amp and device.type == "cuda", augment)
     model.to(device, memory_format=batches.memory_format)
     dataset = ArrayDataset(train[0], train[1], build_transform(aug))
@@ -298,7 +311,7 @@ def fit(
     progress, start = Progress(params.monitor), 1
     state = runtime.load_resume(resume_file, run_id, info.is_main) if resume_file else None
     if state is not None:
-        progress, start = restore(state, model, opt, sched, generator, info), state["epoch"] + 1
+        progress, start = restore(state, model, opt, sched, generators, info), state["epoch"] + 1
         for row in progress.history:
             log_row(live, row)
         if info.is_main:
@@ -331,7 +344,7 @@ def fit(
         progress.record(row, model, keep_weights=info.is_main)
         sched.step_epoch(progress.score(row))
         finished = progress.stale >= params.patience or epoch == params.epochs
-        rng = runtime.gather(runtime.rng_state(generator), info)
+        rng = runtime.gather(runtime.rng_state(*generators), info)
         if resume_file and info.is_main and not finished:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng}
             state |= {k: getattr(progress, k) for k in PROGRESS_KEYS}
@@ -389,10 +402,7 @@ def run(
     run_id = runtime.fingerprint(
         {**all_params, "world": info.world},
         [processed_dir / n for n in ("meta.json", "train.csv", "val.csv")],
-        [
-            here / n
-            for n in ("train.py", "optim.py", "models.py", "runtime.py", "metrics.py", "augment.py")
-        ],
+        [here / n for n in CODE_FILES],
     )
     # only rank 0 writes; other ranks train their share and stop here
     outputs = atomic_dir(plots_dir) if info.is_main else contextlib.nullcontext(None)

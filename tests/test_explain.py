@@ -37,3 +37,10 @@ def test_run_without_masks_draws_galleries_and_skips_pointing_game(tmp_path):
         with Image.open(plots / f"{name}.png") as img:
             assert img.mode == "RGB" and img.size[1] > 4 * 128
     assert not (plots / "pointing.csv").exists()
+
+
+def test_scored_class_is_the_likeliest_true_label():
+    y = np.array([[0, 1, 1], [0, 0, 0], [1, 0, 0]])
+    probs = np.array([[0.9, 0.2, 0.5], [0.1, 0.7, 0.3], [0.1, 0.8, 0.1]])
+    assert explain.lesion_targets(y, probs, True).tolist() == [2, 1, 0]  # no label: the likeliest
+    assert explain.lesion_targets(np.array([2, 0]), probs[:2], False).tolist() == [2, 0]

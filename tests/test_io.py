@@ -163,3 +163,10 @@ def test_npy_writer_short_or_misshapen_writes_leave_no_file(tmp_path):
     with pytest.raises(ValueError, match="do not fit"), io.npy_writer(path, (5, 2)) as append:
         append(np.zeros((3, 4)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_scored_on_other_classes_is_a_clear_error():
+    model = {"classes": ["a", "b"], "task": "binary"}
+    io.check_model_matches_data(model, dict(model), "data/processed")
+    with pytest.raises(ValueError, match=r"classes \['b', 'a'\] differ .* rerun `medpipe train`"):
+        io.check_model_matches_data(model, {"classes": ["b", "a"], "task": "binary"}, "p")

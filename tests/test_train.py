@@ -349,3 +349,17 @@ def test_pretrained_run_normalises_with_the_weights_statistics(in_tmp):
     # ImageNet mean/std averaged over RGB for gray input, not the dataset's 0.3/0.3
     assert meta["mean"] == [0.449] and meta["std"] == [0.226]
     assert meta["weights_source"] == "w.pth"
+
+
+def test_loader_workers_do_not_change_the_trained_weights():
+    """Augmentation has its own generator: prefetching workers draw nothing from it."""
+    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    aug = AugmentParams(rotation=10, crop_scale=0.8, brightness=0.2, contrast=0.2)
+    weights = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = build_model(ModelParams(name="resnet10t"), 2, 1)
+        params = TrainParams(epochs=1, batch_size=8, warmup_epochs=0, num_workers=workers)
+        train.fit(model, separable_data(64), separable_data(16, seed=1), meta, params, aug, 0)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
