@@ -13,13 +13,11 @@ from sklearn.metrics import silhouette_score
 
 from stages.io import (
     LABEL_SEPARATOR,
-    check_model_matches_data,
-    read_processed,
     targets,
     write_csv,
     write_json,
 )
-from stages.models import load_checkpoint, predict, select_device
+from stages.models import load_model_and_split, predict, select_device
 from stages.params import EmbedParams
 from stages.split import rarest_label
 
@@ -112,9 +110,7 @@ def run(
 ) -> str:
     start = time.perf_counter()
     device = select_device("auto")
-    model, meta = load_checkpoint(model_file, device)
-    images, frame, data_meta = read_processed(processed_dir, "test")
-    check_model_matches_data(meta, data_meta, processed_dir)
+    model, meta, images, frame = load_model_and_split(model_file, processed_dir, device)
     classes, multilabel = meta["classes"], meta.get("task") == "multilabel"
     y, strata = build_targets(frame, meta)
     rows = stratified_subsample(strata, params.max_points, params.seed)

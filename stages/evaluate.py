@@ -16,7 +16,6 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from stages import metrics
 from stages.io import (
     atomic_dir,
-    check_model_matches_data,
     read_processed,
     safe_name,
     targets,
@@ -25,7 +24,7 @@ from stages.io import (
 )
 from stages.models import (
     count_parameters,
-    load_checkpoint,
+    load_model_and_split,
     measure_latency,
     predict,
     select_device,
@@ -254,9 +253,7 @@ def run(
 ) -> str:
     start = time.perf_counter()
     device = select_device("auto")
-    model, meta = load_checkpoint(model_file, device)
-    images, frame, data_meta = read_processed(processed_dir, "test")
-    check_model_matches_data(meta, data_meta, processed_dir)
+    model, meta, images, frame = load_model_and_split(model_file, processed_dir, device)
     classes = meta["classes"]
     multilabel = meta.get("task") == "multilabel"
     y = targets(frame, meta)

@@ -21,14 +21,12 @@ from torch import nn
 from stages.cam import TILE, compute_cams, find_target_layer, overlay, pointing_game
 from stages.io import (
     atomic_dir,
-    check_model_matches_data,
-    read_processed,
     safe_name,
     targets,
     write_csv,
     write_json,
 )
-from stages.models import load_checkpoint, predict, select_device
+from stages.models import load_model_and_split, predict, select_device
 from stages.params import ExplainParams
 
 PROCESSED_DIR = Path("data/processed")
@@ -195,9 +193,7 @@ def run(
 ) -> str:
     start = time.perf_counter()
     device = select_device("auto")
-    model, meta = load_checkpoint(model_file, device)
-    images, frame, data_meta = read_processed(processed_dir, "test")
-    check_model_matches_data(meta, data_meta, processed_dir)
+    model, meta, images, frame = load_model_and_split(model_file, processed_dir, device)
     y = targets(frame, meta)
     probs = predict(model, images, meta, params.batch_size, device)
     layer_name, layer = find_target_layer(model, params.target_layer, meta["input_size"])

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.io import atomic_path, read_processed, write_json
-from stages.models import Deployable, load_checkpoint, predict
+from stages.io import atomic_path, write_json
+from stages.models import Deployable, load_model_and_split, predict
 from stages.params import ExportParams
 
 PROCESSED_DIR = Path("data/processed")
@@ -106,8 +106,7 @@ def run(
 ) -> str:
     start = time.perf_counter()
     device = torch.device("cpu")  # exports are made and checked in float32 on CPU
-    model, meta = load_checkpoint(model_file, device)
-    images, _, _ = read_processed(processed_dir, "test")
+    model, meta, images, _ = load_model_and_split(model_file, processed_dir, device)
     check = np.array(images[: params.check_images])  # a writable copy of the memmap
     reference = predict(model, check, meta, 256, device)  # the path evaluate uses
     pixels = torch.from_numpy(check).permute(0, 3, 1, 2).float().contiguous()  # (B, C, S, S)

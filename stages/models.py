@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import load_pretrained
 from torch import nn
 
-from stages.io import atomic_path
+from stages.io import atomic_path, check_model_matches_data, read_processed
 from stages.params import ModelParams
 
 CHECKPOINT_FORMAT = 1
@@ -299,6 +299,17 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         add_mlp_head(model, meta["head_hidden"], 0.0)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), meta
+
+
+def load_model_and_split(
+    model_file: Path | str, processed_dir: Path | str, device: torch.device, split: str = "test"
+) -> tuple[nn.Module, dict, np.ndarray, Any]:
+    """The checkpoint and one processed split it can be scored on (same classes and task):
+    model, its meta, the memory-mapped images and the index frame."""
+    model, meta = load_checkpoint(model_file, device)
+    images, frame, data_meta = read_processed(processed_dir, split)
+    check_model_matches_data(meta, data_meta, processed_dir)
+    return model, meta, images, frame
 
 
 def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

@@ -12,6 +12,7 @@ import html
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,6 +66,27 @@ class Page:
             )
         )
         self._plotly_included = True
+
+    def pair(self, left: tuple[go.Figure, str], right: tuple[go.Figure, str]) -> None:
+        """Two (figure, div id) side by side."""
+        self.add('<div class="grid"><div>')
+        self.figure(*left)
+        self.add("</div><div>")
+        self.figure(*right)
+        self.add("</div></div>")
+
+
+def class_curves(
+    folder: Path, classes: list[str], x: str, y: str, label: Callable[[str], str]
+) -> go.Figure:
+    """One line per class from `folder/<class>.csv` (classes without a file are left out)."""
+    fig = go.Figure()
+    for c in classes:
+        path = folder / f"{safe_name(c)}.csv"
+        if path.is_file():
+            curve = pd.read_csv(path)
+            fig.add_scatter(x=curve[x], y=curve[y], name=f"{c} ({label(c)})")
+    return fig
 
 
 def table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
@@ -209,11 +231,7 @@ def training_section(page: Page, history: pd.DataFrame, train: dict) -> None:
     for col in ("val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"):
         scores.add_scatter(x=history["epoch"], y=history[col], name=col, mode="lines+markers")
     scores.update_layout(title="Validation metrics", xaxis_title="epoch", height=340)
-    page.add('<div class="grid"><div>')
-    page.figure(loss, "loss-curve")
-    page.add("</div><div>")
-    page.figure(scores, "val-curve")
-    page.add("</div></div>")
+    page.pair((loss, "loss-curve"), (scores, "val-curve"))
 
 
 def results_section(
@@ -253,13 +271,10 @@ def results_section(
         labels={"x": "predicted", "y": "actual"},
     )
     heat.update_layout(title="Confusion matrix", height=380)
-    roc = go.Figure()
-    for c in classes:
-        path = roc_dir / f"{safe_name(c)}.csv"
-        if path.is_file():
-            curve = pd.read_csv(path)
-            auc = result["per_class"][c]["roc_auc"]
-            roc.add_scatter(x=curve["fpr"], y=curve["tpr"], name=f"{c} (AUC {auc:.3f})")
+    per_class = result["per_class"]
+    roc = class_curves(
+        roc_dir, classes, "fpr", "tpr", lambda c: f"AUC {per_class[c]['roc_auc']:.3f}"
+    )
     roc.add_scatter(x=[0, 1], y=[0, 1], name="chance", line={"dash": "dot", "color": "#999"})
     roc.update_layout(
         title="ROC (one vs rest)",
@@ -267,11 +282,7 @@ def results_section(
         yaxis_title="true positive rate",
         height=380,
     )
-    page.add('<div class="grid"><div>')
-    page.figure(heat, "confusion")
-    page.add("</div><div>")
-    page.figure(roc, "roc")
-    page.add("</div></div>")
+    page.pair((heat, "confusion"), (roc, "roc"))
     shares = counts.div(counts.sum(axis=1).replace(0, 1), axis=0).round(3)
     norm = px.imshow(
         shares.to_numpy(),
@@ -284,24 +295,20 @@ def results_section(
         labels={"x": "predicted", "y": "actual"},
     )
     norm.update_layout(title="Confusion matrix, share of each actual class", height=380)
-    pr = go.Figure()
-    for c in classes:
-        path = roc_dir.parent / "pr" / f"{safe_name(c)}.csv"
-        if path.is_file():
-            curve = pd.read_csv(path)
-            ap = result["per_class"][c].get("average_precision", float("nan"))
-            pr.add_scatter(x=curve["recall"], y=curve["precision"], name=f"{c} (AP {ap:.3f})")
+    pr = class_curves(
+        roc_dir.parent / "pr",
+        classes,
+        "recall",
+        "precision",
+        lambda c: f"AP {per_class[c].get('average_precision', float('nan')):.3f}",
+    )
     pr.update_layout(
         title="Precision-recall (one vs rest)",
         xaxis_title="recall",
         yaxis_title="precision",
         height=380,
     )
-    page.add('<div class="grid"><div>')
-    page.figure(norm, "confusion-normalized")
-    page.add("</div><div>")
-    page.figure(pr, "pr")
-    page.add("</div></div>")
+    page.pair((norm, "confusion-normalized"), (pr, "pr"))
 
 
 def calibration_section(page: Page, result: dict, reliability: pd.DataFrame) -> None:
