@@ -141,7 +141,8 @@ def write_image_folder(work: Path, root: Path) -> None:
     """The training split's raw phantoms as PNG files in class folders (ImageFolder layout)."""
     from PIL import Image
 
-    from stages.io import read_csv, read_image
+    from stages.lib.images import read_image
+    from stages.lib.io import read_csv
 
     for row in read_csv(work / "data/split/train.csv").itertuples():
         folder = root / str(row.label)
@@ -156,8 +157,8 @@ class TrainBench:
     def __init__(self, work: Path, png_root: Path, model_name: str, batch_size: int):
         import torch
 
-        from stages.models import build_model, select_device
-        from stages.params import AugmentParams, ModelParams
+        from stages.lib.models import build_model, select_device
+        from stages.lib.params import AugmentParams, ModelParams
         from stages.train import load_split
 
         self.device = select_device("auto")
@@ -207,7 +208,7 @@ class TrainBench:
         return timed_passes(one_pass, passes)
 
     def medpipe_train(self, passes: int) -> float:
-        from stages.params import TrainParams
+        from stages.lib.params import TrainParams
         from stages.train import fit
 
         params = TrainParams(
@@ -280,7 +281,7 @@ class TrainBench:
         return timed_passes(one_pass, passes)
 
     def medpipe_eval(self, passes: int) -> float:
-        from stages.models import predict
+        from stages.lib.models import predict
 
         model = self.fresh_model().eval()
         return timed_passes(
@@ -309,7 +310,7 @@ def bench_train(
 ) -> None:
     import torch
 
-    from stages.models import select_device
+    from stages.lib.models import select_device
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(cores or 1)  # as the train stage does

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from stages.params import PARAMS_FILE, Params, ParamsError, describe_params, load_params
+from stages.lib.params import PARAMS_FILE, Params, ParamsError, describe_params, load_params
 
 app = typer.Typer(
     help="Reproducible medical-image classification: one command per DVC stage.",
@@ -129,7 +129,7 @@ def predict_files(
     tta: bool = typer.Option(False, "--tta", help="Average over small shifts and a zoom."),
 ) -> None:
     """Classify new images with the preprocessing stored in the checkpoint."""
-    from stages import predict as stage
+    from stages.tools import predict as stage
 
     _run(lambda: stage.run(paths, model, out, cam, batch_size, tta))
 
@@ -150,7 +150,7 @@ def compare(
     param: str | None = typer.Option(None, help="Param for the x axis (default: first changed)."),
 ) -> None:
     """Compare DVC experiments on one page: table, metric vs param, curves, parallel plot."""
-    from stages import compare as stage
+    from stages.tools import compare as stage
 
     _run(lambda: stage.run(out, metric, param))
 
@@ -161,7 +161,7 @@ def pr_summary(
     params_file: Path = ParamsOption,
 ) -> None:
     """Markdown of metrics/params diffs against BASE; exit 1 if report.gate_metric drops."""
-    from stages import review
+    from stages.tools import review
 
     p = _params(params_file)
     try:

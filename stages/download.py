@@ -14,21 +14,20 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from stages import arrays, collect, fetch, synthetic
-from stages.io import (
+from stages.lib import arrays, collect, fetch, paths, synthetic
+from stages.lib.images import thumbnail
+from stages.lib.io import (
     LABEL_SEPARATOR,
     MANIFEST_COLUMNS,
     atomic_dir,
     count_classes,
     npz_writer,
-    thumbnail,
     write_csv,
     write_json,
 )
-from stages.parallel import available_cores
-from stages.params import DataParams
+from stages.lib.parallel import available_cores
+from stages.lib.params import DataParams
 
-RAW_DIR = Path("data/raw")
 MEDMNIST_CITATION = (
     "Yang et al., MedMNIST v2, Scientific Data 2023 (https://medmnist.com); "
     "cite the source dataset too"
@@ -258,7 +257,7 @@ def check_classes(raw: RawData) -> dict[str, int]:
     return counts
 
 
-def run(params: DataParams, raw_dir: Path = RAW_DIR) -> str:
+def run(params: DataParams, raw_dir: Path = paths.RAW) -> str:
     """Build data/raw atomically; return the summary line."""
     start = time.perf_counter()
     with atomic_dir(raw_dir) as out:

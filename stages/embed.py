@@ -11,20 +11,16 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
-from stages.io import (
+from stages.lib import paths
+from stages.lib.io import (
     LABEL_SEPARATOR,
     targets,
     write_csv,
     write_json,
 )
-from stages.models import load_model_and_split, predict, select_device
-from stages.params import EmbedParams
-from stages.split import rarest_label
-
-PROCESSED_DIR = Path("data/processed")
-MODEL_FILE = Path("models/model.pt")
-METRICS_FILE = Path("metrics/embed.json")
-EMBEDDING_FILE = Path("plots/embed/embedding.csv")
+from stages.lib.models import load_model_and_split, predict, select_device
+from stages.lib.params import EmbedParams
+from stages.lib.splitting import rarest_label
 
 
 def stratified_subsample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
@@ -103,10 +99,10 @@ def label_columns(
 
 def run(
     params: EmbedParams,
-    processed_dir: Path = PROCESSED_DIR,
-    model_file: Path = MODEL_FILE,
-    metrics_file: Path = METRICS_FILE,
-    embedding_file: Path = EMBEDDING_FILE,
+    processed_dir: Path = paths.PROCESSED,
+    model_file: Path = paths.MODEL,
+    metrics_file: Path = paths.EMBED_METRICS,
+    embedding_file: Path = paths.EMBEDDING,
 ) -> str:
     start = time.perf_counter()
     device = select_device("auto")

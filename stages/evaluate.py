@@ -13,8 +13,8 @@ import pandas as pd
 import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from stages import metrics
-from stages.io import (
+from stages.lib import metrics, paths
+from stages.lib.io import (
     atomic_dir,
     read_processed,
     safe_name,
@@ -22,19 +22,15 @@ from stages.io import (
     write_csv,
     write_json,
 )
-from stages.models import (
+from stages.lib.models import (
     count_parameters,
     load_model_and_split,
     measure_latency,
     predict,
     select_device,
 )
-from stages.params import EvaluateParams
+from stages.lib.params import EvaluateParams
 
-PROCESSED_DIR = Path("data/processed")
-MODEL_FILE = Path("models/model.pt")
-METRICS_FILE = Path("metrics/evaluate.json")
-PLOTS_DIR = Path("plots/evaluate")
 GROUP_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
 
 
@@ -246,10 +242,10 @@ def write_plots(
 
 def run(
     params: EvaluateParams,
-    processed_dir: Path = PROCESSED_DIR,
-    model_file: Path = MODEL_FILE,
-    metrics_file: Path = METRICS_FILE,
-    plots_dir: Path = PLOTS_DIR,
+    processed_dir: Path = paths.PROCESSED,
+    model_file: Path = paths.MODEL,
+    metrics_file: Path = paths.EVALUATE_METRICS,
+    plots_dir: Path = paths.EVALUATE_PLOTS,
 ) -> str:
     start = time.perf_counter()
     device = select_device("auto")

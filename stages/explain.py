@@ -18,21 +18,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stages.cam import TILE, compute_cams, find_target_layer, overlay, pointing_game
-from stages.io import (
+from stages.lib import paths
+from stages.lib.cam import TILE, compute_cams, find_target_layer, overlay, pointing_game
+from stages.lib.io import (
     atomic_dir,
     safe_name,
     targets,
     write_csv,
     write_json,
 )
-from stages.models import load_model_and_split, predict, select_device
-from stages.params import ExplainParams
+from stages.lib.models import load_model_and_split, predict, select_device
+from stages.lib.params import ExplainParams
 
-PROCESSED_DIR = Path("data/processed")
-MODEL_FILE = Path("models/model.pt")
-METRICS_FILE = Path("metrics/explain.json")
-PLOTS_DIR = Path("plots/explain")
 CELL_NAMES = {
     "TP": "true positive",
     "FN": "false negative",
@@ -186,10 +183,10 @@ def score_lesions(
 
 def run(
     params: ExplainParams,
-    processed_dir: Path = PROCESSED_DIR,
-    model_file: Path = MODEL_FILE,
-    metrics_file: Path = METRICS_FILE,
-    plots_dir: Path = PLOTS_DIR,
+    processed_dir: Path = paths.PROCESSED,
+    model_file: Path = paths.MODEL,
+    metrics_file: Path = paths.EXPLAIN_METRICS,
+    plots_dir: Path = paths.EXPLAIN_PLOTS,
 ) -> str:
     start = time.perf_counter()
     device = select_device("auto")

@@ -1,7 +1,7 @@
 """export stage: TorchScript and ONNX copies of the model, each checked against PyTorch.
 
 Both take float32 pixel values 0..255 of shape (B, C, S, S) — the output of
-`stages.preprocess.prepare_image`, channels first — and return class probabilities:
+`stages.images.prepare_image`, channels first — and return class probabilities:
 normalisation and softmax/sigmoid are inside the graph (`models.Deployable`). The model's
 meta (classes, preprocessing, input size) is stored in each file.
 
@@ -21,15 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.io import atomic_path, write_json
-from stages.models import Deployable, load_model_and_split, predict
-from stages.params import ExportParams
+from stages.lib import paths
+from stages.lib.io import atomic_path, write_json
+from stages.lib.models import Deployable, load_model_and_split, predict
+from stages.lib.params import ExportParams
 
-PROCESSED_DIR = Path("data/processed")
-MODEL_FILE = Path("models/model.pt")
-TORCHSCRIPT_FILE = Path("models/model.ts")
-ONNX_FILE = Path("models/model.onnx")
-METRICS_FILE = Path("metrics/export.json")
 META_KEYS = ("model_name", "classes", "task", "channels", "input_size", "mean", "std", "preprocess")
 
 
@@ -98,11 +94,11 @@ def onnx_latency(session, example: np.ndarray, runs: int = 50, warmup: int = 10)
 
 def run(
     params: ExportParams,
-    processed_dir: Path = PROCESSED_DIR,
-    model_file: Path = MODEL_FILE,
-    torchscript_file: Path = TORCHSCRIPT_FILE,
-    onnx_file: Path = ONNX_FILE,
-    metrics_file: Path = METRICS_FILE,
+    processed_dir: Path = paths.PROCESSED,
+    model_file: Path = paths.MODEL,
+    torchscript_file: Path = paths.TORCHSCRIPT,
+    onnx_file: Path = paths.ONNX,
+    metrics_file: Path = paths.EXPORT_METRICS,
 ) -> str:
     start = time.perf_counter()
     device = torch.device("cpu")  # exports are made and checked in float32 on CPU

@@ -17,85 +17,22 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from stages.io import (
+from stages.lib import paths
+from stages.lib.images import prepare_image, read_image, to_uint8
+from stages.lib.io import (
     LABEL_SEPARATOR,
     SPLITS,
     atomic_dir,
     npy_writer,
     read_csv,
-    read_image,
     read_json,
     write_json,
 )
-from stages.parallel import ordered_map
-from stages.params import PreprocessParams
+from stages.lib.parallel import ordered_map
+from stages.lib.params import PreprocessParams
 
-RAW_DIR = Path("data/raw")
-SPLIT_DIR = Path("data/split")
-OUT_DIR = Path("data/processed")
-SAMPLES_DIR = Path("plots/preprocess")
 CHUNK = 128  # images per worker task
 PARALLEL_MIN_IMAGES = 1000  # below this, starting processes costs more than it saves
-MIN_CLAHE_TILE = 16  # px; smaller tiles amplify noise on low-resolution inputs
-
-
-def to_uint8(img: np.ndarray, channels: int) -> np.ndarray:
-    """Any 2-D/3-D image -> (H, W) uint8 gray for channels=1, (H, W, 3) otherwise."""
-    if img.dtype != np.uint8:
-        lo, hi = np.percentile(img, (0.5, 99.5))
-        img = np.clip((img.astype(np.float32) - lo) / max(hi - lo, 1e-6) * 255, 0, 255)
-        img = img.astype(np.uint8)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if channels == 1 and img.ndim == 3:
-        return cv2.cvtColor(img[:, :, :3], cv2.COLOR_RGB2GRAY)
-    if channels == 3 and img.ndim == 2:
-        return np.repeat(img[:, :, None], 3, axis=2)
-    return img
-
-
-def content_box(img: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
-    """Bounding box (y0, y1, x0, x1) of pixels brighter than threshold; whole image if none."""
-    gray = img if img.ndim == 2 else img.max(axis=2)
-    rows = np.flatnonzero((gray > threshold).any(axis=1))
-    cols = np.flatnonzero((gray > threshold).any(axis=0))
-    h, w = gray.shape
-    if len(rows) == 0 or rows[-1] - rows[0] < h // 4 or cols[-1] - cols[0] < w // 4:
-        return 0, h, 0, w  # nothing sensible to crop to
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def equalize(img: np.ndarray, how: str, clip: float, grid: int) -> np.ndarray:
-    """Histogram equalisation of a uint8 image (each channel of RGB alike, via luminance)."""
-    if how == "none":
-        return img
-    if img.ndim == 3:
-        ycc = cv2.cvtColor(img, cv2.COLOR_RGB2YCrCb)
-        ycc[:, :, 0] = equalize(ycc[:, :, 0], how, clip, grid)
-        return cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB)
-    if how == "global":
-        return cv2.equalizeHist(img)
-    tiles = max(1, min(grid, min(img.shape) // MIN_CLAHE_TILE))
-    return cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(img)
-
-
-def prepare_image(
-    img: np.ndarray, params: PreprocessParams, mask: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """One raw image -> (size, size, channels) uint8, and its mask cropped/resized alike."""
-    img = to_uint8(img, params.channels)
-    if params.crop_borders:
-        y0, y1, x0, x1 = content_box(img, params.border_threshold)
-        img = img[y0:y1, x0:x1]
-        mask = None if mask is None else mask[y0:y1, x0:x1]
-    img = equalize(img, params.equalize, params.clahe_clip, params.clahe_grid)
-    size = (params.size, params.size)
-    img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-    if params.blur > 0:
-        img = cv2.GaussianBlur(img, (0, 0), params.blur)
-    if mask is not None:
-        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    return img.reshape(params.size, params.size, params.channels), mask
 
 
 def process_split(
@@ -183,10 +120,10 @@ def save_samples(
 
 def run(
     params: PreprocessParams,
-    raw_dir: Path = RAW_DIR,
-    split_dir: Path = SPLIT_DIR,
-    out_dir: Path = OUT_DIR,
-    samples_dir: Path = SAMPLES_DIR,
+    raw_dir: Path = paths.RAW,
+    split_dir: Path = paths.SPLIT,
+    out_dir: Path = paths.PROCESSED,
+    samples_dir: Path = paths.PREPROCESS_PLOTS,
 ) -> str:
     start = time.perf_counter()
     card = read_json(raw_dir / "dataset.json")

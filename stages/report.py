@@ -20,11 +20,10 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from stages.io import atomic_path, read_csv, read_json, safe_name
-from stages.params import Params
+from stages.lib import paths
+from stages.lib.io import atomic_path, read_csv, read_json, safe_name
+from stages.lib.params import Params
 
-REPORT_FILE = Path("reports/report.html")
-REJECTED_FILE = Path("data/raw/rejected.csv")
 REJECTED_SHOWN = 20  # rows of rejected.csv shown in the data card
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;
@@ -457,8 +456,8 @@ def render(page: Page, title: str, header: str) -> str:
 def run(
     params: Params,
     params_file: Path,
-    report_file: Path = REPORT_FILE,
-    rejected_file: Path = REJECTED_FILE,
+    report_file: Path = paths.REPORT,
+    rejected_file: Path = paths.REJECTED,
 ) -> str:
     start = time.perf_counter()
     card = read_json("data/raw/dataset.json")

@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from stages import metrics, runtime
-from stages.augment import BatchAugment
-from stages.io import atomic_dir, read_processed, targets, write_csv, write_json
-from stages.models import (
+from stages.lib import metrics, paths, runtime
+from stages.lib.augment import BatchAugment
+from stages.lib.io import atomic_dir, read_processed, targets, write_csv, write_json
+from stages.lib.models import (
     build_model,
     head_names,
     memory_format,
@@ -39,15 +39,10 @@ from stages.models import (
     select_device,
     trainable_parameters,
 )
-from stages.optim import LRSchedule, build_loss, build_optimizer, build_sampler
-from stages.params import AugmentParams, ModelParams, TrainParams
-from stages.runtime import DistInfo
+from stages.lib.optim import LRSchedule, build_loss, build_optimizer, build_sampler
+from stages.lib.params import AugmentParams, ModelParams, TrainParams
+from stages.lib.runtime import DistInfo
 
-PROCESSED_DIR = Path("data/processed")
-MODEL_FILE = Path("models/model.pt")
-RESUME_FILE = Path("models/last.pt")
-METRICS_FILE = Path("metrics/train.json")
-PLOTS_DIR = Path("plots/train")
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
 # the code a resumable run's fingerprint covers (a change starts training afresh)
 CODE_FILES = (
@@ -373,11 +368,11 @@ def run(
     model_params: ModelParams,
     params: TrainParams,
     aug: AugmentParams,
-    processed_dir: Path = PROCESSED_DIR,
-    model_file: Path = MODEL_FILE,
-    metrics_file: Path = METRICS_FILE,
-    plots_dir: Path = PLOTS_DIR,
-    resume_file: Path = RESUME_FILE,
+    processed_dir: Path = paths.PROCESSED,
+    model_file: Path = paths.MODEL,
+    metrics_file: Path = paths.TRAIN_METRICS,
+    plots_dir: Path = paths.TRAIN_PLOTS,
+    resume_file: Path = paths.RESUME,
 ) -> str:
     start = time.perf_counter()
     info = runtime.dist_info()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import Params, parse_params
+from stages.lib.params import Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # where `medpipe` and `dvc` live
@@ -75,8 +75,8 @@ def tiny_processed(
     import pandas as pd
     import timm
 
-    from stages.models import save_checkpoint
-    from stages.params import PreprocessParams
+    from stages.lib.models import save_checkpoint
+    from stages.lib.params import PreprocessParams
 
     processed = root / "processed"
     processed.mkdir(parents=True)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from stages.augment import BatchAugment
-from stages.params import AugmentParams
+from stages.lib.augment import BatchAugment
+from stages.lib.params import AugmentParams
 
 NONE = dict(rotation=0, crop_scale=1, hflip=0, brightness=0, contrast=0)
 

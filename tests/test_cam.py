@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from stages import cam
+from stages.lib import cam
 
 META = {"mean": [0.0], "std": [1.0], "channels": 1, "input_size": 32, "task": "binary"}
 

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.io import read_image
+from stages.lib.images import read_image
 from tests.conftest import write_params
 
 runner = CliRunner()

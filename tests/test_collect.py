@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from stages import download, split
-from stages.io import encode_labels, read_image
-from stages.params import DataParams, SplitParams
+from stages.lib.images import read_image
+from stages.lib.io import encode_labels
+from stages.lib.params import DataParams, SplitParams
 from tests.datasets import gradient, write_image_zoo
 
 

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from stages import download, split
-from stages.io import encode_labels, npz_array, read_image, thumbnail
-from stages.params import DataParams, SplitParams
+from stages.lib.images import read_image, thumbnail
+from stages.lib.io import encode_labels, npz_array
+from stages.lib.params import DataParams, SplitParams
 from tests.datasets import medmnist_arrays, write_npz
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from stages import embed
 from stages.embed import embed_features, stratified_subsample
-from stages.params import EmbedParams
+from stages.lib.params import EmbedParams
 from tests.conftest import tiny_processed
 
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from stages import evaluate
-from stages.models import Deployable, measure_latency, predict, tta_views
-from stages.params import EvaluateParams
+from stages.lib.models import Deployable, measure_latency, predict, tta_views
+from stages.lib.params import EvaluateParams
 from tests.conftest import tiny_processed
 
 META = {"mean": [0.5], "std": [0.25], "channels": 1, "input_size": 16, "task": "multiclass"}
@@ -127,7 +127,7 @@ def test_tta_changes_little_on_a_brightness_model():
 
 
 def test_deployment_figures_on_a_real_checkpoint(tmp_path):
-    from stages.models import save_checkpoint
+    from stages.lib.models import save_checkpoint
 
     model = timm.create_model("resnet10t", num_classes=3, in_chans=1).eval()
     meta = {**META, "input_size": 32}

@@ -9,7 +9,7 @@ import pandas as pd
 from PIL import Image
 
 from stages import explain
-from stages.params import ExplainParams
+from stages.lib.params import ExplainParams
 from tests.conftest import tiny_processed
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from stages import export
-from stages.models import predict
-from stages.params import ExportParams
+from stages.lib.models import predict
+from stages.lib.params import ExportParams
 from tests.conftest import tiny_processed
 
 
@@ -31,7 +31,7 @@ def test_exports_match_pytorch(tmp_path, task, n_classes):
     assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob(".*.tmp"))  # one file
 
     # independently: load both files and compare with the PyTorch path evaluate uses
-    from stages.models import load_checkpoint
+    from stages.lib.models import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
     images = np.load(processed / "test_images.npy")

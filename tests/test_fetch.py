@@ -18,9 +18,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages import download, fetch
-from stages.io import encode_labels, read_image
-from stages.params import DataParams, ParamsError, parse_params
+from stages import download
+from stages.lib import fetch
+from stages.lib.images import read_image
+from stages.lib.io import encode_labels
+from stages.lib.params import DataParams, ParamsError, parse_params
 from tests.datasets import medmnist_arrays, write_npz
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages import io
+from stages.lib import images, io
 from tests.datasets import gradient, make_dicom, write_image_zoo
 
 
@@ -37,11 +37,11 @@ def test_read_image_references(tmp_path):
     gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
     Image.fromarray(gray).save(tmp_path / "a.png")
     io.save_npz(tmp_path / "arr.npz", {"img1": gray, "train_images": np.stack([gray, gray + 1])})
-    assert np.array_equal(io.read_image(tmp_path, "a.png"), gray)
-    assert np.array_equal(io.read_image(tmp_path, "arr.npz#img1"), gray)
-    assert np.array_equal(io.read_image(tmp_path, "arr.npz#train/1"), gray + 1)
+    assert np.array_equal(images.read_image(tmp_path, "a.png"), gray)
+    assert np.array_equal(images.read_image(tmp_path, "arr.npz#img1"), gray)
+    assert np.array_equal(images.read_image(tmp_path, "arr.npz#train/1"), gray + 1)
     with pytest.raises(FileNotFoundError, match=r"missing\.png"):
-        io.read_image(tmp_path, "missing.png")
+        images.read_image(tmp_path, "missing.png")
 
 
 def test_read_csv_names_missing_columns(tmp_path):
@@ -60,10 +60,10 @@ def test_image_zoo_decodes_or_names_the_reason(tmp_path):
     for name, reason in expected.items():
         data = (tmp_path / name).read_bytes()
         if reason:
-            with pytest.raises(io.ImageError, match=reason):
-                io.decode_image(data, name)
+            with pytest.raises(images.ImageError, match=reason):
+                images.decode_image(data, name)
             continue
-        img = io.decode_image(data, name)
+        img = images.decode_image(data, name)
         assert img.ndim in (2, 3) and min(img.shape[:2]) >= 36, name
         assert img.dtype in (np.uint8, np.uint16), name
         if img.ndim == 3:
@@ -72,8 +72,8 @@ def test_image_zoo_decodes_or_names_the_reason(tmp_path):
 
 def test_sixteen_bit_png_and_tiff_keep_their_depth(tmp_path):
     write_image_zoo(tmp_path)
-    png = io.read_image(tmp_path, "deep16.png")
-    tif = io.read_image(tmp_path, "deep16.tif")
+    png = images.read_image(tmp_path, "deep16.png")
+    tif = images.read_image(tmp_path, "deep16.tif")
     assert png.dtype == np.uint16 and png.max() > 255 * 100
     assert np.array_equal(png, gradient(top=60000, dtype=np.uint16))
     assert np.array_equal(tif, gradient(top=40000, dtype=np.uint16)[::-1])
@@ -83,7 +83,7 @@ def test_monochrome1_dicom_is_inverted(tmp_path):
     stored = gradient(top=4000, dtype=np.uint16)  # stored values grow downwards
     make_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1")
     make_dicom(tmp_path / "m2.dcm", stored, "MONOCHROME2")
-    m1, m2 = io.read_image(tmp_path, "m1.dcm"), io.read_image(tmp_path, "m2.dcm")
+    m1, m2 = images.read_image(tmp_path, "m1.dcm"), images.read_image(tmp_path, "m2.dcm")
     assert m1.dtype == np.uint16 and m1.shape == stored.shape
     # MONOCHROME1: the lowest stored value is displayed white
     assert m1[0].mean() > 60000 and m1[-1].mean() < 5000
@@ -94,7 +94,7 @@ def test_monochrome1_dicom_is_inverted(tmp_path):
 def test_dicom_window_is_applied(tmp_path):
     stored = gradient(top=4000, dtype=np.uint16)
     make_dicom(tmp_path / "w.dcm", stored, "MONOCHROME2", window=(2000, 1000))
-    img = io.read_image(tmp_path, "w.dcm").astype(np.int64)
+    img = images.read_image(tmp_path, "w.dcm").astype(np.int64)
     low, high = stored < 1500, stored > 2500  # outside the window: clipped flat
     assert (img[low] == img.min()).all() and (img[high] == img.max()).all()
     inside = (stored > 1600) & (stored < 2400)
@@ -104,8 +104,8 @@ def test_dicom_window_is_applied(tmp_path):
 def test_decompression_bomb_guard_is_kept(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((100, 100), np.uint8)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(io.ImageError, match="too many pixels"):
-        io.read_image(tmp_path, "big.png")
+    with pytest.raises(images.ImageError, match="too many pixels"):
+        images.read_image(tmp_path, "big.png")
 
 
 def test_zip_member_and_memory_mapped_npz_references(tmp_path):
@@ -116,25 +116,25 @@ def test_zip_member_and_memory_mapped_npz_references(tmp_path):
     Image.fromarray(gray).save(buffer, "PNG")
     with zipfile.ZipFile(tmp_path / "images.zip", "w") as zf:
         zf.writestr("a/b c.png", buffer.getvalue())
-    assert np.array_equal(io.read_image(tmp_path, "images.zip#a/b c.png"), gray)
+    assert np.array_equal(images.read_image(tmp_path, "images.zip#a/b c.png"), gray)
     with pytest.raises(KeyError, match="no member"):
-        io.read_image(tmp_path, "images.zip#missing.png")
+        images.read_image(tmp_path, "images.zip#missing.png")
     stack = np.stack([gray, gray + 1, gray + 2])
     io.save_npz(tmp_path / "m.npz", {"val_images": stack})
     assert isinstance(io.npz_array(tmp_path / "m.npz", "val_images"), np.memmap)
-    assert np.array_equal(io.read_image(tmp_path, "m.npz#val/2"), gray + 2)
+    assert np.array_equal(images.read_image(tmp_path, "m.npz#val/2"), gray + 2)
     io.save_npz(tmp_path / "c.npz", {"val_images": stack}, compress=True)
-    assert np.array_equal(io.read_image(tmp_path, "c.npz#val/1"), gray + 1)
+    assert np.array_equal(images.read_image(tmp_path, "c.npz#val/1"), gray + 1)
 
 
 def test_thumbnail_ignores_size_depth_and_contrast():
     img = gradient(96, 80)
     small = np.ascontiguousarray(img[::2, ::2])
     deep = img.astype(np.uint16) * 200
-    t = io.thumbnail(img)
+    t = images.thumbnail(img)
     assert t.shape == (16, 16) and t.dtype == np.uint8 and t.min() == 0 and t.max() == 255
     for other in (small, deep, np.dstack([img] * 3)):
-        assert np.sqrt(((io.thumbnail(other).astype(float) - t) ** 2).mean()) < 4
+        assert np.sqrt(((images.thumbnail(other).astype(float) - t) ** 2).mean()) < 4
 
 
 def test_count_classes_single_and_multi_label():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from stages import metrics
+from stages.lib import metrics
 
 
 def one_hot(y, k=3, confidence=0.9):

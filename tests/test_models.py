@@ -12,9 +12,9 @@ from huggingface_hub import constants as hf_constants
 from PIL import Image
 from safetensors.torch import save_file
 
-from stages import models
-from stages.models import build_model, load_checkpoint, predict, save_checkpoint
-from stages.params import ModelParams, ParamsError, parse_params
+from stages.lib import models
+from stages.lib.models import build_model, load_checkpoint, predict, save_checkpoint
+from stages.lib.params import ModelParams, ParamsError, parse_params
 from stages.train import set_trainable
 
 CPU = torch.device("cpu")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from stages import optim
-from stages.params import TrainParams
+from stages.lib import optim
+from stages.lib.params import TrainParams
 
 UPDATES = 10  # per epoch
 # these tests step schedules without optimiser steps, which torch's OneCycleLR warns about

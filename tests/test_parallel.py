@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from stages.parallel import available_cores, ordered_map
+from stages.lib.parallel import available_cores, ordered_map
 
 
 def square(x: int) -> int:
@@ -21,8 +21,8 @@ def test_workers_do_not_hang_after_thread_pools_ran():
         "import cv2, numpy as np, torch\n"
         "torch.ones(512, 512) @ torch.ones(512, 512)\n"
         "cv2.GaussianBlur(np.zeros((2000, 2000), np.uint8), (31, 31), 5)\n"
-        "from stages import synthetic\n"
-        "from stages.params import SyntheticParams\n"
+        "from stages.lib import synthetic\n"
+        "from stages.lib.params import SyntheticParams\n"
         "print(len(list(synthetic.iter_phantoms(SyntheticParams(n_patients=120)))))\n"
     )
     done = subprocess.run(

@@ -5,7 +5,7 @@ import yaml
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.params import Params, ParamsError, describe_params, load_params, parse_params
+from stages.lib.params import Params, ParamsError, describe_params, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_cli_params_lists_keys():
 
 
 def test_timm_names_are_cached_on_disk(tmp_path, monkeypatch):
-    from stages import params as module
+    from stages.lib import catalog as module
 
     monkeypatch.setenv("MEDPIPE_CACHE", str(tmp_path))
     module.timm_model_names.cache_clear()

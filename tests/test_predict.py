@@ -17,11 +17,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
 
-from stages import predict
 from stages.cli import app
-from stages.io import read_image
-from stages.models import save_checkpoint
-from stages.params import PreprocessParams
+from stages.lib.images import read_image
+from stages.lib.models import save_checkpoint
+from stages.lib.params import PreprocessParams
+from stages.tools import predict
 
 CLASSES = ["normal", "bacterial", "viral"]
 

@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 from stages import report
-from stages.io import safe_name
-from stages.params import parse_params
+from stages.lib.io import safe_name
+from stages.lib.params import parse_params
 from tests.conftest import TINY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

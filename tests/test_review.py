@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.params import ReportParams
-from stages.review import Gate, check_gate
+from stages.lib.params import ReportParams
+from stages.tools.review import Gate, check_gate
 from tests.conftest import write_params
 
 DVC_YAML = """stages:

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from stages import split
-from stages.params import SplitParams
+from stages.lib import splitting
+from stages.lib.params import SplitParams
 
 
 def make_manifest(n_patients=60, per_patient=2, labels=("a", "a", "a", "b", "c")) -> pd.DataFrame:
@@ -18,7 +19,7 @@ def make_manifest(n_patients=60, per_patient=2, labels=("a", "a", "a", "b", "c")
 
 def test_patient_split_has_no_overlap_and_keeps_every_class():
     manifest = make_manifest()
-    column = split.split_by_patient(manifest, 0.2, 0.2, seed=0)
+    column = splitting.split_by_patient(manifest, 0.2, 0.2, seed=0)
     per_patient = manifest.assign(split=column).groupby("patient_id")["split"].nunique()
     assert (per_patient == 1).all()
     for s in ("train", "val", "test"):
@@ -28,9 +29,9 @@ def test_patient_split_has_no_overlap_and_keeps_every_class():
 
 def test_split_is_seeded():
     manifest = make_manifest()
-    a = split.split_by_patient(manifest, 0.2, 0.2, seed=0)
-    assert a.equals(split.split_by_patient(manifest, 0.2, 0.2, seed=0))
-    assert not a.equals(split.split_by_patient(manifest, 0.2, 0.2, seed=1))
+    a = splitting.split_by_patient(manifest, 0.2, 0.2, seed=0)
+    assert a.equals(splitting.split_by_patient(manifest, 0.2, 0.2, seed=0))
+    assert not a.equals(splitting.split_by_patient(manifest, 0.2, 0.2, seed=1))
 
 
 @pytest.mark.parametrize(
@@ -44,7 +45,7 @@ def test_split_is_seeded():
 )
 def test_undersample(how, ratio, cap, expected):
     frame = make_manifest()
-    out = split.undersample(frame, how, ratio, cap, seed=0)
+    out = splitting.undersample(frame, how, ratio, cap, seed=0)
     assert out["label"].value_counts().to_dict() == expected
     assert out.index.is_monotonic_increasing
 
@@ -52,14 +53,14 @@ def test_undersample(how, ratio, cap, expected):
 def test_official_strategy_keeps_source_and_carves_val_by_patient():
     manifest = make_manifest()
     manifest["source_split"] = ["test" if i % 5 == 0 else "train" for i in range(len(manifest))]
-    column = split.assign_splits(manifest, SplitParams(strategy="official", val=0.2))
+    column = splitting.assign_splits(manifest, SplitParams(strategy="official", val=0.2))
     assert (column[manifest["source_split"] == "test"] == "test").all()
     assert set(column[manifest["source_split"] == "train"]) == {"train", "val"}
 
 
 def test_official_strategy_without_source_split_is_an_error():
     with pytest.raises(ValueError, match="source_split"):
-        split.assign_splits(make_manifest(), SplitParams(strategy="official"))
+        splitting.assign_splits(make_manifest(), SplitParams(strategy="official"))
 
 
 def write_raw(raw_dir, manifest, thumbs=None, classes=("a", "b", "c"), task="multiclass"):
@@ -101,10 +102,10 @@ def test_image_strategy_reports_leakage(tmp_path):
 
 def test_auto_strategy_uses_official_splits_only_when_all_rows_have_one():
     manifest = make_manifest()
-    assert split.resolve_strategy(manifest, "auto") == "patient"
+    assert splitting.resolve_strategy(manifest, "auto") == "patient"
     manifest["source_split"] = "train"
-    assert split.resolve_strategy(manifest, "auto") == "official"
-    assert split.resolve_strategy(manifest, "image") == "image"
+    assert splitting.resolve_strategy(manifest, "auto") == "official"
+    assert splitting.resolve_strategy(manifest, "image") == "image"
 
 
 def picture_thumbs(n, seed=0):
@@ -122,7 +123,7 @@ def test_cluster_duplicates_finds_copies_and_near_copies_only():
         thumbs[10].astype(int) + np.random.default_rng(1).integers(-3, 4, (16, 16)), 0, 255
     )
     thumbs = np.concatenate([thumbs, thumbs[[5]], noisy[None].astype(np.uint8)])
-    cluster = split.cluster_duplicates(thumbs)
+    cluster = splitting.cluster_duplicates(thumbs)
     assert cluster[300] == cluster[5] and cluster[301] == cluster[10]
     assert len(set(cluster)) == 300  # no other image joined anything
 
@@ -163,7 +164,7 @@ def test_patient_split_keeps_duplicates_together(tmp_path):
 
 def test_multilabel_strata_use_the_rarest_label():
     labels = pd.Series(["common|rare", "common", "", "common|mid", "mid"])
-    strata = split.rarest_label(labels, ["common", "mid", "rare"])
+    strata = splitting.rarest_label(labels, ["common", "mid", "rare"])
     assert strata.tolist() == ["rare", "common", "", "mid", "mid"]
 
 
@@ -185,6 +186,6 @@ def test_duplicate_check_is_fast_on_many_images():
 
     thumbs = picture_thumbs(20_000, seed=3)
     start = time.perf_counter()
-    cluster = split.cluster_duplicates(thumbs)
+    cluster = splitting.cluster_duplicates(thumbs)
     assert time.perf_counter() - start < 5
     assert len(set(cluster)) == 20_000

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from stages import synthetic
-from stages.params import SyntheticParams
+from stages.lib import synthetic
+from stages.lib.params import SyntheticParams
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from stages import evaluate, metrics, runtime, train
-from stages.io import LABEL_SEPARATOR, write_json
-from stages.models import build_model, load_checkpoint, predict
-from stages.optim import class_weights
-from stages.params import AugmentParams, EvaluateParams, ModelParams, TrainParams
+from stages import evaluate, train
+from stages.lib import metrics, runtime
+from stages.lib.io import LABEL_SEPARATOR, write_json
+from stages.lib.models import build_model, load_checkpoint, predict
+from stages.lib.optim import class_weights
+from stages.lib.params import AugmentParams, EvaluateParams, ModelParams, TrainParams
 from tests.conftest import BIN, write_params
 
 NO_AUG = AugmentParams(rotation=0, crop_scale=1.0, brightness=0, contrast=0)
@@ -250,7 +251,7 @@ def medpipe_train(root: Path, env: dict) -> subprocess.CompletedProcess:
 
 def train_in_process(root: Path) -> None:
     """`medpipe train` in this process, on `root`'s params.yaml and folders."""
-    from stages.params import load_params
+    from stages.lib.params import load_params
 
     p = load_params(root / "params.yaml")
     train.run(

@@ -6,11 +6,7 @@ lives here (field descriptions) and is printed by `medpipe params`.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import functools
-import importlib.metadata
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -18,34 +14,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stages.lib import catalog
+
 PARAMS_FILE = Path("params.yaml")
 SYNTHETIC_CLASSES = ("normal", "bacterial", "viral")
-
-
-def cache_dir() -> Path:
-    """medpipe's cache: $MEDPIPE_CACHE, else $XDG_CACHE_HOME/medpipe, else ~/.cache/medpipe."""
-    if os.environ.get("MEDPIPE_CACHE"):
-        return Path(os.environ["MEDPIPE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medpipe"
-
-
-@functools.lru_cache(maxsize=1)
-def timm_model_names() -> frozenset[str]:
-    """timm's registry, cached on disk per timm version: every stage validates the whole
-    params file, and importing timm (and torch) just for that would cost seconds and ~1 GB."""
-    version = importlib.metadata.version("timm")
-    cached = cache_dir() / f"timm-{version}-models.txt"
-    with contextlib.suppress(OSError):
-        return frozenset(cached.read_text().split())
-    import timm
-
-    names = timm.list_models()
-    with contextlib.suppress(OSError):  # a read-only home only loses the speed-up
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text("\n".join(names))
-        os.replace(tmp, cached)
-    return frozenset(names)
+# Marks a key that says where or how fast, not what: changing it cannot change a result, so
+# no stage depends on it in dvc.yaml (tests/test_layout.py derives the deps from this mark).
+OPERATIONAL: dict[str, Any] = {"operational": True}
 
 
 class ParamsError(ValueError):
@@ -145,11 +120,20 @@ class DataParams(Section):
         None,
         description="Base URL replacing scheme and host of downloads (offline mirror); "
         "unset: $MEDPIPE_MIRROR if set, else the original host.",
+        json_schema_extra=OPERATIONAL,
     )
     cache: str | None = Field(
-        None, description="Download cache folder; unset: $MEDPIPE_CACHE, else ~/.cache/medpipe."
+        None,
+        description="Download cache folder; unset: $MEDPIPE_CACHE, else ~/.cache/medpipe.",
+        json_schema_extra=OPERATIONAL,
     )
-    retries: int = Field(3, ge=0, le=10, description="Download retries after a failed attempt.")
+    retries: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="Download retries after a failed attempt.",
+        json_schema_extra=OPERATIONAL,
+    )
     max_extract_mb: float = Field(
         50_000.0, gt=0.0, description="Refuse archives that unpack to more than this (MB)."
     )
@@ -189,7 +173,7 @@ class DataParams(Section):
         if self.source == "url" and not (self.url and self.sha256):
             raise ValueError("source url needs data.url and data.sha256 (sha256sum ARCHIVE)")
         if self.source == "medmnist":
-            from stages.fetch import medmnist_flags  # deferred: reads medmnist's INFO
+            from stages.lib.catalog import medmnist_flags  # deferred: reads medmnist's INFO
 
             flags = medmnist_flags()
             if self.flag not in flags:
@@ -293,7 +277,7 @@ class ModelParams(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        names = timm_model_names()
+        names = catalog.timm_model_names()
         if name.split(".")[0] not in names:  # `resnet18.a1_in1k`: a name with a weights tag
             close = difflib.get_close_matches(name, sorted(names), n=5, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -308,7 +292,7 @@ class ModelParams(Section):
         if self.weights and not self.pretrained:
             raise ValueError("model.weights is set but model.pretrained is false; set it to true")
         if self.trainable_from:
-            from stages.models import check_block_name  # deferred: builds the model
+            from stages.lib.catalog import check_block_name  # deferred: builds the model
 
             check_block_name(self.name, self.trainable_from)
         return self
@@ -373,7 +357,9 @@ class TrainParams(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto = CUDA, then MPS, then CPU."
     )
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    num_workers: int = Field(
+        0, ge=0, le=64, description="DataLoader worker processes.", json_schema_extra=OPERATIONAL
+    )
     compile: bool = Field(False, description="torch.compile the model (worth it on GPU).")
     nproc_per_node: int = Field(
         1,
@@ -386,7 +372,9 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    batch_size: int = Field(256, ge=1, description="Images per batch.")
+    batch_size: int = Field(
+        256, ge=1, description="Images per batch.", json_schema_extra=OPERATIONAL
+    )
     bootstrap: int = Field(
         1000, ge=0, le=100_000, description="Bootstrap resamples for 95% CIs (0 = off)."
     )
@@ -409,7 +397,11 @@ class EvaluateParams(Section):
         "(no flips: radiographs have laterality).",
     )
     latency_runs: int = Field(
-        50, ge=0, le=10_000, description="Timed batch-1 runs for latency_ms (0 = skip)."
+        50,
+        ge=0,
+        le=10_000,
+        description="Timed batch-1 runs for latency_ms (0 = skip).",
+        json_schema_extra=OPERATIONAL,
     )
 
 
@@ -447,7 +439,9 @@ class ExplainParams(Section):
         "(layer4 of a ResNet at 224 px, layer2 at 64 px), or a dotted name such as layer3.",
         min_length=1,
     )
-    batch_size: int = Field(64, ge=1, description="Images per CAM batch.")
+    batch_size: int = Field(
+        64, ge=1, description="Images per CAM batch.", json_schema_extra=OPERATIONAL
+    )
     seed: int = Field(0, description="Seed of the gallery's choice of images.")
 
 

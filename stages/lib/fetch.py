@@ -3,52 +3,24 @@ outside the repository, MedMNIST's own URL/MD5 table, and safe archive extractio
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import posixpath
 import re
 import shutil
-import sys
 import tarfile
 import zipfile
-from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from stages import params
-from stages.io import atomic_dir, safe_name
+from stages.lib import catalog
+from stages.lib.catalog import medmnist_flags, medmnist_info
+from stages.lib.io import atomic_dir, safe_name
 
 CACHE_ENV = "MEDPIPE_CACHE"
 MIRROR_ENV = "MEDPIPE_MIRROR"
 CHUNK = 1 << 20  # bytes per read while downloading and extracting
 TIMEOUT_S = 60
-
-
-@lru_cache(maxsize=1)
-def medmnist_info() -> dict[str, dict[str, Any]]:
-    """The `medmnist` package's INFO table (labels, task, url/MD5 per size, per flag).
-
-    `import medmnist` also imports torch and its dataset classes (about 3 s, and every
-    command validates params); INFO lives in the plain module medmnist/info.py, so that
-    file is loaded on its own unless medmnist is imported already.
-    """
-    if "medmnist.info" in sys.modules:
-        return sys.modules["medmnist.info"].INFO
-    spec = importlib.util.find_spec("medmnist")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("data.source medmnist needs the medmnist package (pip install medmnist)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "info.py"
-    info_spec = importlib.util.spec_from_file_location("_medpipe_medmnist_info", path)
-    assert info_spec is not None and info_spec.loader is not None
-    module = importlib.util.module_from_spec(info_spec)
-    info_spec.loader.exec_module(module)
-    return module.INFO
-
-
-def medmnist_flags() -> list[str]:
-    """Every 2D MedMNIST flag this medmnist version knows (3D volumes are not images)."""
-    return [flag for flag in medmnist_info() if not flag.endswith("3d")]
 
 
 def medmnist_source(flag: str, size: int) -> tuple[str, str]:
@@ -87,7 +59,7 @@ def mirror_url(url: str, mirror: str | None) -> str:
 
 def cache_dir(param: str | None) -> Path:
     """data.cache, else $MEDPIPE_CACHE, else the user cache (~/.cache/medpipe on Linux)."""
-    return Path(param).expanduser() if param else params.cache_dir()
+    return Path(param).expanduser() if param else catalog.cache_dir()
 
 
 class _Downloader:

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.parallel import ordered_map
-from stages.params import SyntheticParams
+from stages.lib.parallel import ordered_map
+from stages.lib.params import SyntheticParams
 
 CANVAS = 256
 STUDIES_PER_PATIENT = (1, 2, 3)

@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages import fetch
-from stages.io import LABEL_SEPARATOR, SPLITS, ZIP_DATE, npz_array, thumbnail
+from stages.lib import fetch
+from stages.lib.images import thumbnail
+from stages.lib.io import LABEL_SEPARATOR, SPLITS, ZIP_DATE, npz_array
 
 
 def medmnist_entry(stem: str) -> dict | None:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from stages.io import atomic_path
+from stages.lib.io import atomic_path
 
 RESUME_FORMAT = 1
 

@@ -18,8 +18,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import load_pretrained
 from torch import nn
 
-from stages.io import atomic_path, check_model_matches_data, read_processed
-from stages.params import ModelParams
+from stages.lib.catalog import block_names
+from stages.lib.io import atomic_path, check_model_matches_data, read_processed
+from stages.lib.params import ModelParams
 
 CHECKPOINT_FORMAT = 1
 # timm name -> (pip package, module, function returning the weights file). The package's
@@ -215,31 +216,6 @@ def pretrained_norm(model: nn.Module, in_chans: int) -> tuple[list[float], list[
     return [round(v, 4) for v in mean], [round(v, 4) for v in std]
 
 
-def block_names(model: nn.Module) -> list[str]:
-    """Names usable as model.trainable_from: top-level children and their numbered blocks."""
-
-    def has_params(module: nn.Module) -> bool:
-        return next(module.parameters(), None) is not None
-
-    names = []
-    for name, child in model.named_children():
-        if not has_params(child):
-            continue
-        names.append(name)
-        if isinstance(child, (nn.Sequential, nn.ModuleList)):
-            names += [f"{name}.{n}" for n, m in child.named_children() if has_params(m)]
-    return names
-
-
-def check_block_name(model_name: str, block: str) -> None:
-    """Raise ValueError listing the valid names when `block` is not a block of the model."""
-    names = block_names(timm.create_model(model_name, pretrained=False))
-    if block not in names:
-        raise ValueError(
-            f"trainable_from: {block!r} is not a block of {model_name}; valid: {', '.join(names)}"
-        )
-
-
 def head_names(model: nn.Module) -> set[str]:
     """Names of the classifier's parameters."""
     head = {id(p) for p in model.get_classifier().parameters()}
@@ -374,7 +350,7 @@ class Deployable(nn.Module):
     """The model as shipped: float pixel values 0..255 (B, C, S, S) in, probabilities out.
 
     Normalisation and the output activation are inside, so an exported graph needs only
-    `stages.preprocess.prepare_image` in front of it.
+    `stages.images.prepare_image` in front of it.
     """
 
     def __init__(self, model: nn.Module, meta: dict) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from stages.params import AugmentParams
+from stages.lib.params import AugmentParams
 
 ASPECT = (0.9, 1.1)  # RandomResizedCrop's aspect-ratio range in train.build_transform
 SHARPNESS = 2.0  # the factor of RandomAdjustSharpness in train.build_transform

@@ -16,7 +16,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
-from stages.params import TrainParams
+from stages.lib.params import TrainParams
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:

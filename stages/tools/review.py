@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.params import ReportParams
+from stages.lib.params import ReportParams
 
 DEFAULT_METRICS_FILE = "metrics/evaluate.json"
 

@@ -1,7 +1,7 @@
 """`medpipe predict`: classify new image files with a trained model.pt.
 
 The preprocessing stored in the checkpoint is applied through the one definition,
-`stages.preprocess.prepare_image`, and probabilities come from `stages.models.predict` —
+`stages.images.prepare_image`, and probabilities come from `stages.models.predict` —
 the same two functions behind the processed arrays and the evaluate stage, so a test image
 gets the same probabilities here as in `plots/evaluate/predictions.csv`.
 """
@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages.io import atomic_path, read_image, safe_name, write_csv
-from stages.models import load_checkpoint, predict, select_device
-from stages.params import PreprocessParams
-from stages.preprocess import prepare_image
+from stages.lib.images import prepare_image, read_image
+from stages.lib.io import atomic_path, safe_name, write_csv
+from stages.lib.models import load_checkpoint, predict, select_device
+from stages.lib.params import PreprocessParams
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
 SHOWN_ROWS = 20
@@ -90,7 +90,7 @@ def write_cams(
     cam_dir: Path, model, images: np.ndarray, refs: list[str], probs: np.ndarray, meta: dict, device
 ) -> None:
     """Grad-CAM overlay of the predicted (most likely) class per input, as PNGs in cam_dir."""
-    from stages.cam import compute_cams, find_target_layer, overlay
+    from stages.lib.cam import compute_cams, find_target_layer, overlay
 
     _, layer = find_target_layer(model, "auto", meta["input_size"])
     targets = probs.argmax(axis=1)

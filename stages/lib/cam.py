@@ -20,7 +20,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from stages.models import iter_batches, normalize, to_tensor_batch
+from stages.lib.models import iter_batches, normalize, to_tensor_batch
 
 CAMS = {
     "gradcam": GradCAM,

@@ -19,7 +19,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import yaml
 
-from stages.io import atomic_path
+from stages.lib.io import atomic_path
 from stages.report import Page, render
 
 HISTORY_FILE = "plots/train/history.csv"

@@ -3,7 +3,7 @@ reject what cannot be read, and pack the rest into one uncompressed zip.
 
 One zip instead of thousands of files keeps `data/raw` a handful of files for DVC (hashing,
 checkout and push of many small files are slow), while keeping each file's original bytes
-(no re-encoding, same size as the source). Members are read back by `stages.io.read_image`
+(no re-encoding, same size as the source). Members are read back by `stages.images.read_image`
 as `images.zip#<path>`.
 """
 
@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.io import LABEL_SEPARATOR, SPLITS, ZIP_DATE, ImageError, decode_image, thumbnail
+from stages.lib.images import ImageError, decode_image, thumbnail
+from stages.lib.io import LABEL_SEPARATOR, SPLITS, ZIP_DATE
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IGNORED = {"__MACOSX", "Thumbs.db", "desktop.ini"}

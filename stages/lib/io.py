@@ -7,7 +7,6 @@ interrupted leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -20,17 +19,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 MANIFEST_COLUMNS = ("image", "label", "patient_id", "source_split")
 OPTIONAL_COLUMNS = ("group", "mask")
 SPLITS = ("train", "val", "test")
-DICOM_SUFFIXES = (".dcm", ".dicom")
-ORIENTATION_TAG = 0x0112  # EXIF
-THUMB_SHAPE = (16, 16)
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: same input, same bytes, same DVC hash
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -220,139 +214,14 @@ def _open_zip(path: str, mtime_ns: int, pid: int) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)
 
 
-def read_image(root: Path | str, ref: str) -> np.ndarray:
-    """Read one image given by a manifest reference relative to `root`.
-
-    References: `file.png` (PNG, JPEG, TIFF, DICOM, ...: see `decode_image`),
-    `file.npz#name` (array `name`), `file.npz#split/index` (row `index` of
-    `<split>_images`, the MedMNIST layout) or `file.zip#member` (an image file packed
-    in an uncompressed zip, as the download stage stores folder and CSV sources).
-
-    Returns:
-        (H, W) or (H, W, 3) array, uint8 or uint16.
-    """
-    file, _, key = ref.partition("#")
-    path = Path(root) / file
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: image file not found (manifest entry {ref!r})")
-    mtime = path.stat().st_mtime_ns
-    if key and path.suffix == ".zip":
-        try:
-            data = _open_zip(str(path.resolve()), mtime, os.getpid()).read(key)
-        except KeyError:
-            raise KeyError(f"{path}: no member {key!r} (manifest entry {ref!r})") from None
-        return decode_image(data, key)
-    if key:
-        if "/" in key:
-            split, index = key.split("/", 1)
-            return np.asarray(
-                _npz_member(str(path.resolve()), mtime, f"{split}_images")[int(index)]
-            )
-        arrays = _open_npz(str(path.resolve()), mtime, os.getpid())
-        if key not in arrays.files:
-            raise KeyError(f"{path}: no array {key!r} (manifest entry {ref!r})")
-        return np.asarray(arrays[key])
-    return decode_image(path.read_bytes(), path.name)
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """`path` as an open archive, cached per process and file version."""
+    return _open_zip(str(path.resolve()), path.stat().st_mtime_ns, os.getpid())
 
 
-class ImageError(ValueError):
-    """A file that is not a readable 2-D image; the message is the reason."""
-
-
-def decode_image(data: bytes, name: str = "") -> np.ndarray:
-    """Decode one image file's bytes: PNG, JPEG, TIFF (8/16 bit), BMP, ... or DICOM.
-
-    Gray stays (H, W) uint8/uint16; colour (RGB, RGBA, palette, CMYK, ...) becomes
-    (H, W, 3) uint8. Raises ImageError with the reason for empty, truncated, multi-frame
-    or unknown files; PIL's decompression-bomb guard stays on.
-    """
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    if data[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES):
-        return _decode_dicom(data)
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            frames = getattr(img, "n_frames", 1)
-            if frames > 1:
-                raise ImageError(f"multi-frame image ({frames} frames); save one frame per file")
-            img.load()
-            if img.getexif().get(ORIENTATION_TAG, 1) != 1:
-                img = ImageOps.exif_transpose(img)
-            return _pil_to_array(img)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError("not an image (unknown format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"refused, too many pixels: {exc}") from None
-    except (OSError, SyntaxError, EOFError, struct.error, ValueError) as exc:
-        raise ImageError(f"truncated or corrupt image: {exc}") from None
-
-
-def _pil_to_array(img: Image.Image) -> np.ndarray:
-    if img.mode.startswith("I;16"):
-        return np.asarray(img).astype(np.uint16)
-    if img.mode in ("I", "F"):
-        arr = np.asarray(img)
-        if arr.dtype.kind == "i" and arr.min() >= 0 and arr.max() <= 65535:
-            return arr.astype(np.uint16)
-        return _to_uint16(arr.astype(np.float64))
-    if img.mode in ("1", "LA", "La"):
-        img = img.convert("L")
-    elif img.mode not in ("L", "RGB"):  # RGBA, P, PA, CMYK, YCbCr, LAB, HSV, ...
-        img = img.convert("RGB")
-    return np.asarray(img)
-
-
-def _to_uint16(arr: np.ndarray) -> np.ndarray:
-    """Linear min-max scaling of any real array to the full uint16 range."""
-    lo, hi = float(arr.min()), float(arr.max())
-    scaled = (arr - lo) / (hi - lo) * 65535 if hi > lo else np.zeros_like(arr)
-    return np.round(scaled).astype(np.uint16)
-
-
-def _decode_dicom(data: bytes) -> np.ndarray:
-    """DICOM pixels after the modality LUT (rescale) and VOI LUT/window, as a viewer shows them.
-
-    MONOCHROME1 (low values white) is inverted so that every image is bright-is-dense.
-    """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise ImageError(f"not a readable DICOM file: {exc}") from None
-    if "PixelData" not in ds:
-        raise ImageError("DICOM without pixel data (not an image object)")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ImageError(f"multi-frame DICOM ({frames} frames); export single frames")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    if Image.MAX_IMAGE_PIXELS and rows * cols > 2 * Image.MAX_IMAGE_PIXELS:
-        raise ImageError(f"refused, too many pixels: {rows} x {cols} DICOM")
-    try:
-        pixels = ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
-        raise ImageError(f"DICOM pixel data not decodable: {exc}") from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if pixels.ndim == 3:  # colour (RGB; pydicom converts YBR to RGB)
-        return pixels if pixels.dtype == np.uint8 else (_to_uint16(pixels) >> 8).astype(np.uint8)
-    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
-    if photometric == "MONOCHROME1":
-        values = values.max() + values.min() - values
-    return _to_uint16(values)
-
-
-def thumbnail(img: np.ndarray) -> np.ndarray:
-    """(16, 16) uint8 gray, contrast-stretched: the fingerprint for near-duplicate search."""
-    if img.ndim == 3:
-        img = img[:, :, :3].mean(axis=2) if img.shape[2] >= 3 else img[:, :, 0]
-    small = cv2.resize(np.asarray(img, np.float32), THUMB_SHAPE, interpolation=cv2.INTER_AREA)
-    lo, hi = float(small.min()), float(small.max())
-    if hi <= lo:
-        return np.zeros(THUMB_SHAPE, np.uint8)
-    return np.round((small - lo) / (hi - lo) * 255).astype(np.uint8)
+def open_npz(path: Path) -> Any:
+    """`path` as an open NpzFile, cached per process and file version."""
+    return _open_npz(str(path.resolve()), path.stat().st_mtime_ns, os.getpid())
 
 
 def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, pd.DataFrame, dict]:

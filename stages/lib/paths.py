@@ -1,0 +1,49 @@
+"""Every file and folder the pipeline passes between stages, relative to the repository root.
+
+The one home of these names: stages take them as defaults of their `run()` arguments (tests
+pass others), and dvc.yaml declares the same paths (tests/test_layout.py checks both agree).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+RAW = Path("data/raw")  # download
+MANIFEST = RAW / "manifest.csv"
+DATASET_CARD = RAW / "dataset.json"
+REJECTED = RAW / "rejected.csv"
+THUMBNAILS = RAW / "thumbnails.npy"
+SPLIT = Path("data/split")  # split
+PROCESSED = Path("data/processed")  # preprocess
+
+MODEL = Path("models/model.pt")  # train
+RESUME = Path("models/last.pt")
+TORCHSCRIPT = Path("models/model.ts")  # export
+ONNX = Path("models/model.onnx")
+
+METRICS = Path("metrics")
+SPLIT_METRICS = METRICS / "split.json"
+TRAIN_METRICS = METRICS / "train.json"
+EVALUATE_METRICS = METRICS / "evaluate.json"
+EXPORT_METRICS = METRICS / "export.json"
+EMBED_METRICS = METRICS / "embed.json"
+EXPLAIN_METRICS = METRICS / "explain.json"
+
+PLOTS = Path("plots")
+PREPROCESS_PLOTS = PLOTS / "preprocess"
+SAMPLES = PREPROCESS_PLOTS / "samples.png"
+TRAIN_PLOTS = PLOTS / "train"
+HISTORY = TRAIN_PLOTS / "history.csv"
+LIVE = Path("dvclive")  # DVCLive's per-epoch log, written while training runs
+EVALUATE_PLOTS = PLOTS / "evaluate"
+EVALUATE_DETAIL = EVALUATE_PLOTS / "detail.json"  # per-class/group figures and CIs
+PREDICTIONS = EVALUATE_PLOTS / "predictions.csv"
+EMBED_PLOTS = PLOTS / "embed"
+EMBEDDING = EMBED_PLOTS / "embedding.csv"
+EXPLAIN_PLOTS = PLOTS / "explain"
+
+REPORTS = Path("reports")
+REPORT = REPORTS / "report.html"
+COMPARE = REPORTS / "compare.html"
