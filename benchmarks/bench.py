@@ -157,12 +157,23 @@ class TrainBench:
     def __init__(self, work: Path, png_root: Path, model_name: str, batch_size: int):
         import torch
 
+        from stages.lib.checkpoint import ModelMeta
         from stages.lib.models import build_model, select_device
         from stages.lib.params import AugmentParams, ModelParams
-        from stages.train import load_split
+        from stages.lib.training import load_split
 
         self.device = select_device("auto")
-        self.images, self.targets, self.meta = load_split(work / "data/processed", "train")
+        self.images, self.targets, data = load_split(work / "data/processed", "train")
+        self.meta = ModelMeta(
+            model_name,
+            data["classes"],
+            data["task"],
+            int(self.images.shape[3]),
+            int(self.images.shape[1]),
+            data["mean"],
+            data["std"],
+            data["preprocess"],
+        )
         self.size = int(self.images.shape[1])
         self.batch_size, self.png_root, self.aug = batch_size, png_root, AugmentParams()
         self.n = len(self.targets) // batch_size * batch_size  # full batches only, as in train
@@ -171,16 +182,15 @@ class TrainBench:
 
         def fresh_model():
             torch.manual_seed(0)
-            model = build_model(ModelParams(name=model_name), len(self.meta["classes"]), channels)
+            model = build_model(ModelParams(name=model_name), len(self.meta.classes), channels)
             return model.to(self.device, memory_format=torch.channels_last)
 
         self.fresh_model = fresh_model
-        mean = torch.tensor(self.meta["mean"]).view(1, -1, 1, 1)
-        std = torch.tensor(self.meta["std"]).view(1, -1, 1, 1)
+        mean, std = self.meta.normalization()
         x = torch.from_numpy(self.images[: self.n].copy()).permute(0, 3, 1, 2)
         self.tensors = ((x.float() / 255 - mean) / std).to(self.device)
         self.labels = torch.from_numpy(self.targets[: self.n]).to(self.device)
-        self.mean, self.std = self.meta["mean"], self.meta["std"]
+        self.mean, self.std = self.meta.mean, self.meta.std
 
     def step(self, model, opt, x, y) -> None:
         import torch
@@ -209,7 +219,7 @@ class TrainBench:
 
     def medpipe_train(self, passes: int) -> float:
         from stages.lib.params import TrainParams
-        from stages.train import fit
+        from stages.lib.training import fit
 
         params = TrainParams(
             epochs=passes + 1, batch_size=self.batch_size, patience=passes + 1, seed=0
@@ -281,7 +291,7 @@ class TrainBench:
         return timed_passes(one_pass, passes)
 
     def medpipe_eval(self, passes: int) -> float:
-        from stages.lib.models import predict
+        from stages.lib.inference import predict
 
         model = self.fresh_model().eval()
         return timed_passes(

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import typer
 
-from stages.lib.params import PARAMS_FILE, Params, ParamsError, describe_params, load_params
+from stages import __version__
+from stages.lib import paths
+from stages.lib.params import Params, ParamsError, describe_params, load_params
 
 app = typer.Typer(
     help="Reproducible medical-image classification: one command per DVC stage.",
@@ -21,7 +23,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals may hold patient data
 )
-ParamsOption = typer.Option(PARAMS_FILE, "--params", "-p", help="params.yaml to read.")
+ParamsOption = typer.Option(paths.PARAMS, "--params", "-p", help="params.yaml to read.")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"medpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    """Reproducible medical-image classification: one command per DVC stage."""
 
 
 def _params(path: Path) -> Params:
@@ -122,7 +139,7 @@ def predict_files(
     paths: list[str] = typer.Argument(
         ..., help="Image files (PNG, JPEG, TIFF, DICOM), folders, or file.npz#key references."
     ),
-    model: Path = typer.Option(Path("models/model.pt"), "--model", "-m", help="Checkpoint."),
+    model: Path = typer.Option(paths.MODEL, "--model", "-m", help="Checkpoint."),
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write."),
     cam: Path | None = typer.Option(None, "--cam", help="Folder for Grad-CAM overlays."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
@@ -145,7 +162,7 @@ def report(params_file: Path = ParamsOption) -> None:
 
 @app.command()
 def compare(
-    out: Path = typer.Option(Path("reports/compare.html"), help="HTML page to write."),
+    out: Path = typer.Option(paths.COMPARE, help="HTML page to write."),
     metric: str = typer.Option("f1_macro", help="Metric to compare (a key of evaluate.json)."),
     param: str | None = typer.Option(None, help="Param for the x axis (default: first changed)."),
 ) -> None:

@@ -12,13 +12,13 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
 from stages.lib import paths
+from stages.lib.checkpoint import ModelMeta
+from stages.lib.inference import ScoredSplit, load_model, read_split
 from stages.lib.io import (
     LABEL_SEPARATOR,
-    targets,
     write_csv,
     write_json,
 )
-from stages.lib.models import load_model_and_split, predict, select_device
 from stages.lib.params import EmbedParams
 from stages.lib.splitting import rarest_label
 
@@ -67,16 +67,13 @@ def embed_features(features: np.ndarray, params: EmbedParams) -> np.ndarray:
     ).fit_transform(reduced)
 
 
-def build_targets(frame: pd.DataFrame, meta: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Targets ((N,) class indices, or (N, K) multi-hot) and a single-label stratum per row.
-
-    The stratum drives the subsample and the silhouette score: the class itself, or for
-    multi-label data the rarest positive label (as the split stage stratifies; "" for none).
-    """
-    y = targets(frame, meta)
-    if meta.get("task") != "multilabel":
-        return y, y
-    return y, rarest_label(frame["label"], meta["classes"]).to_numpy()
+def build_strata(split: ScoredSplit, meta: ModelMeta) -> np.ndarray:
+    """A single-label stratum per row, for the subsample and the silhouette score: the class
+    itself, or for multi-label data the rarest positive label (as the split stage stratifies;
+    "" for none)."""
+    if not meta.multilabel:
+        return split.y
+    return rarest_label(split.frame["label"], meta.classes).to_numpy()
 
 
 def label_columns(
@@ -105,14 +102,13 @@ def run(
     embedding_file: Path = paths.EMBEDDING,
 ) -> str:
     start = time.perf_counter()
-    device = select_device("auto")
-    model, meta, images, frame = load_model_and_split(model_file, processed_dir, device)
-    classes, multilabel = meta["classes"], meta.get("task") == "multilabel"
-    y, strata = build_targets(frame, meta)
+    model = load_model(model_file)
+    test = read_split(model, processed_dir)
+    strata = build_strata(test, model.meta)
     rows = stratified_subsample(strata, params.max_points, params.seed)
-    subset = np.asarray(images[rows])
-    features = predict(model, subset, meta, 256, device, features=True)
-    probs = predict(model, subset, meta, 256, device)
+    subset = np.asarray(test.images[rows])
+    features = model.predict(subset, features=True)
+    probs = model.predict(subset)
     coords = embed_features(features, params)
     stratum = strata[rows]
     silhouette = (
@@ -124,8 +120,8 @@ def run(
         {
             "x": coords[:, 0].round(4),
             "y": coords[:, 1].round(4),
-            **label_columns(y[rows], probs, classes, multilabel),
-            "image": frame["image"].to_numpy()[rows],
+            **label_columns(test.y[rows], probs, model.meta.classes, model.meta.multilabel),
+            "image": test.frame["image"].to_numpy()[rows],
         }
     )
     write_csv(embedding_file, table)

@@ -14,20 +14,18 @@ import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from stages.lib import metrics, paths
+from stages.lib.inference import (
+    LoadedModel,
+    count_parameters,
+    load_model,
+    measure_latency,
+    score_split,
+)
 from stages.lib.io import (
     atomic_dir,
-    read_processed,
     safe_name,
-    targets,
     write_csv,
     write_json,
-)
-from stages.lib.models import (
-    count_parameters,
-    load_model_and_split,
-    measure_latency,
-    predict,
-    select_device,
 )
 from stages.lib.params import EvaluateParams
 
@@ -185,16 +183,15 @@ def normalized_confusion(pairs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     return long.rename_axis(["actual", "predicted"]).reset_index()
 
 
-def deployment_figures(
-    model: torch.nn.Module, meta: dict, model_file: Path, device: torch.device, runs: int
-) -> dict:
+def deployment_figures(model: LoadedModel, model_file: Path, runs: int) -> dict:
     """Parameters, checkpoint size and batch-1 latency on the device used."""
+    device = model.device
     figures = {
-        "params_millions": round(count_parameters(model) / 1e6, 3),
+        "params_millions": round(count_parameters(model.net) / 1e6, 3),
         "model_size_mb": round(model_file.stat().st_size / 1e6, 2),
     }
     if runs:
-        figures["latency_ms"] = round(measure_latency(model, meta, device, runs), 3)
+        figures["latency_ms"] = round(measure_latency(model.net, model.meta, device, runs), 3)
         figures["latency_device"] = (
             f"{device.type} ({torch.get_num_threads()} threads)"
             if device.type == "cpu"
@@ -248,30 +245,27 @@ def run(
     plots_dir: Path = paths.EVALUATE_PLOTS,
 ) -> str:
     start = time.perf_counter()
-    device = select_device("auto")
-    model, meta, images, frame = load_model_and_split(model_file, processed_dir, device)
-    classes = meta["classes"]
-    multilabel = meta.get("task") == "multilabel"
-    y = targets(frame, meta)
-    probs = predict(model, images, meta, params.batch_size, device, tta=params.tta)
+    model = load_model(model_file)
+    classes, multilabel = model.meta.classes, model.meta.multilabel
+    test = score_split(model, processed_dir, "test", params.batch_size, params.tta)
+    frame, y, probs = test.frame, test.y, test.probs
     result = evaluate_probs(y, probs, classes, params, multilabel)
     result["tta"] = params.tta
     threshold = None
     if len(classes) == 2 and not multilabel:
-        val_images, val_frame, _ = read_processed(processed_dir, "val")
-        p_val = predict(model, val_images, meta, params.batch_size, device, tta=params.tta)[:, 1]
-        result["threshold"] = threshold_report(
-            val_frame["y"].to_numpy(), p_val, y, probs[:, 1], params
-        )
+        val = score_split(model, processed_dir, "val", params.batch_size, params.tta)
+        result["threshold"] = threshold_report(val.y, val.probs[:, 1], y, probs[:, 1], params)
         threshold = result["threshold"]["value"]
     if "group" in frame and (frame["group"].astype(str) != "").any():
         result["per_group"] = group_metrics(
             y, probs, frame["group"].astype(str), multilabel, params.bootstrap, params.seed
         )
-    result.update(deployment_figures(model, meta, model_file, device, params.latency_runs))
+    result.update(deployment_figures(model, model_file, params.latency_runs))
+    headline, detail = metrics.split_evaluation(result)
     with atomic_dir(plots_dir) as tmp:
         write_plots(tmp, frame, y, probs, classes, params, multilabel, threshold)
-    write_json(metrics_file, result)
+        write_json(tmp / paths.EVALUATE_DETAIL.name, detail)
+    write_json(metrics_file, headline)
     ci = result.get("ci", {}).get("accuracy")
     ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     kappa = "" if multilabel else f"kappa {result['kappa']:.3f}, "

@@ -14,20 +14,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from torch import nn
 
 from stages.lib import paths
 from stages.lib.cam import TILE, compute_cams, find_target_layer, overlay, pointing_game
+from stages.lib.inference import LoadedModel, ScoredSplit, load_model, score_split
 from stages.lib.io import (
     atomic_dir,
     safe_name,
-    targets,
     write_csv,
     write_json,
 )
-from stages.lib.models import load_model_and_split, predict, select_device
 from stages.lib.params import ExplainParams
 
 CELL_NAMES = {
@@ -81,21 +79,17 @@ def confusion_cells(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray
 def write_gallery(
     out: Path,
     masks: np.ndarray | None,
-    model: nn.Module,
-    images: np.ndarray,
-    frame: pd.DataFrame,
-    y: np.ndarray,
-    probs: np.ndarray,
-    meta: dict,
+    model: LoadedModel,
+    test: ScoredSplit,
     layer: nn.Module,
     params: ExplainParams,
-    device: torch.device,
 ) -> pd.DataFrame:
     """plots/explain/<class>.png per class; returns the table of images shown."""
-    multilabel = meta.get("task") == "multilabel"
+    multilabel = model.meta.multilabel
+    images, frame, y, probs = test.images, test.frame, test.y, test.probs
     rng = np.random.default_rng(params.seed)
     shown = []
-    for k, name in enumerate(meta["classes"]):
+    for k, name in enumerate(model.meta.classes):
         truth = y[:, k] == 1 if multilabel else y == k
         pred = probs[:, k] >= 0.5 if multilabel else probs.argmax(axis=1) == k
         cells = confusion_cells(truth, pred)
@@ -105,14 +99,14 @@ def write_gallery(
         }
         chosen = np.concatenate(list(picks.values())).astype(int)
         cams = compute_cams(
-            model,
+            model.net,
             np.asarray(images[chosen]),
-            meta,
+            model.meta,
             np.full(len(chosen), k),
             params.method,
             layer,
             params.batch_size,
-            device,
+            model.device,
         )
         by_row = dict(zip(chosen.tolist(), cams, strict=True))
         rows = {}
@@ -146,31 +140,27 @@ def lesion_targets(y: np.ndarray, probs: np.ndarray, multilabel: bool) -> np.nda
 
 
 def score_lesions(
-    model: nn.Module,
-    images: np.ndarray,
+    model: LoadedModel,
+    test: ScoredSplit,
     masks: np.ndarray,
-    frame: pd.DataFrame,
-    y: np.ndarray,
-    probs: np.ndarray,
-    meta: dict,
     layer: nn.Module,
     params: ExplainParams,
-    device: torch.device,
 ) -> tuple[dict, pd.DataFrame]:
     """Pointing game over the test images that have a non-empty lesion mask."""
     abnormal = np.flatnonzero(np.asarray(masks).reshape(len(masks), -1).any(axis=1))
     if not len(abnormal):
         return {}, pd.DataFrame()
-    targets = lesion_targets(y, probs, meta.get("task") == "multilabel")[abnormal]
+    frame = test.frame
+    targets = lesion_targets(test.y, test.probs, model.meta.multilabel)[abnormal]
     cams = compute_cams(
-        model,
-        np.asarray(images[abnormal]),
-        meta,
+        model.net,
+        np.asarray(test.images[abnormal]),
+        model.meta,
         targets,
         params.method,
         layer,
         params.batch_size,
-        device,
+        model.device,
     )
     summary, table = pointing_game(cams, np.asarray(masks[abnormal]))
     table.insert(0, "label", frame["label"].to_numpy()[abnormal])
@@ -189,23 +179,17 @@ def run(
     plots_dir: Path = paths.EXPLAIN_PLOTS,
 ) -> str:
     start = time.perf_counter()
-    device = select_device("auto")
-    model, meta, images, frame = load_model_and_split(model_file, processed_dir, device)
-    y = targets(frame, meta)
-    probs = predict(model, images, meta, params.batch_size, device)
-    layer_name, layer = find_target_layer(model, params.target_layer, meta["input_size"])
+    model = load_model(model_file)
+    test = score_split(model, processed_dir, batch_size=params.batch_size)
+    layer_name, layer = find_target_layer(model.net, params.target_layer, model.meta.input_size)
     masks_file = Path(processed_dir) / "test_masks.npy"
-    result: dict = {"method": params.method, "target_layer": layer_name, "n_test": len(frame)}
+    result: dict = {"method": params.method, "target_layer": layer_name, "n_test": len(test.y)}
     with atomic_dir(plots_dir) as tmp:
         masks = np.load(masks_file, mmap_mode="r") if masks_file.is_file() else None
-        shown = write_gallery(
-            tmp, masks, model, images, frame, y, probs, meta, layer, params, device
-        )
+        shown = write_gallery(tmp, masks, model, test, layer, params)
         write_csv(tmp / "gallery.csv", shown)
         if masks is not None:
-            summary, table = score_lesions(
-                model, images, masks, frame, y, probs, meta, layer, params, device
-            )
+            summary, table = score_lesions(model, test, masks, layer, params)
             result.update(summary)
             if len(table):
                 write_csv(tmp / "pointing.csv", table.round(4))

@@ -22,26 +22,30 @@ import numpy as np
 import torch
 
 from stages.lib import paths
+from stages.lib.checkpoint import ModelMeta
+from stages.lib.inference import Deployable, load_model, read_split
 from stages.lib.io import atomic_path, write_json
-from stages.lib.models import Deployable, load_model_and_split, predict
 from stages.lib.params import ExportParams
 
 META_KEYS = ("model_name", "classes", "task", "channels", "input_size", "mean", "std", "preprocess")
 
 
-def deploy_meta(meta: dict) -> dict[str, str]:
+def deploy_meta(meta: ModelMeta) -> dict[str, str]:
     """What a consumer of the exported file needs, as strings (ONNX metadata is str -> str)."""
-    info = {k: meta[k] for k in META_KEYS if k in meta}
+    info = {k: v for k, v in meta.to_dict().items() if k in META_KEYS}
     info["input"] = "float32 (B, C, S, S) pixel values 0..255 after prepare_image"
-    info["output"] = "sigmoid" if meta.get("task") == "multilabel" else "softmax"
+    info["output"] = "sigmoid" if meta.multilabel else "softmax"
     return {"medpipe": json.dumps(info, sort_keys=True)}
 
 
-def export_torchscript(module: Deployable, example: torch.Tensor, path: Path, meta: dict) -> None:
+def export_torchscript(
+    module: Deployable, example: torch.Tensor, path: Path, meta: ModelMeta
+) -> None:
     with warnings.catch_warnings():  # torch.jit is deprecated upstream but still the format
         warnings.simplefilter("ignore", FutureWarning)  # many serving stacks load
         traced = torch.jit.trace(module, example)
-        torch.jit.save(traced, str(path), _extra_files=deploy_meta(meta))
+        with open(path, "wb") as f:  # a file object: the archive is not named after tmp
+            torch.jit.save(traced, f, _extra_files=deploy_meta(meta))
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -51,7 +55,7 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
 
 
 def export_onnx(
-    module: Deployable, example: torch.Tensor, path: Path, meta: dict, opset: int
+    module: Deployable, example: torch.Tensor, path: Path, meta: ModelMeta, opset: int
 ) -> None:
     """ONNX with a dynamic batch axis, weights inside the one file, meta as metadata_props."""
     import onnx
@@ -101,12 +105,12 @@ def run(
     metrics_file: Path = paths.EXPORT_METRICS,
 ) -> str:
     start = time.perf_counter()
-    device = torch.device("cpu")  # exports are made and checked in float32 on CPU
-    model, meta, images, _ = load_model_and_split(model_file, processed_dir, device)
-    check = np.array(images[: params.check_images])  # a writable copy of the memmap
-    reference = predict(model, check, meta, 256, device)  # the path evaluate uses
+    model = load_model(model_file, "cpu")  # exports are made and checked in float32 on CPU
+    meta = model.meta
+    check = np.array(read_split(model, processed_dir).images[: params.check_images])  # writable
+    reference = model.predict(check)  # the path evaluate uses
     pixels = torch.from_numpy(check).permute(0, 3, 1, 2).float().contiguous()  # (B, C, S, S)
-    module = Deployable(model, meta).eval()
+    module = Deployable(model.net, meta).eval()
     # both files are checked before either is renamed into place: no unchecked export ships
     with atomic_path(torchscript_file) as ts_tmp, atomic_path(onnx_file) as onnx_tmp:
         export_torchscript(module, pixels[:1], ts_tmp, meta)

@@ -6,130 +6,34 @@ page loads nothing from the network.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import html
-import platform
-import subprocess
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+import yaml
 
 from stages.lib import paths
 from stages.lib.io import atomic_path, read_csv, read_json, safe_name
+from stages.lib.metrics import read_evaluation
+from stages.lib.page import (
+    Page,
+    class_curves,
+    environment,
+    git_commit,
+    image_tag,
+    interval,
+    render,
+    table,
+)
 from stages.lib.params import Params
+from stages.lib.pipeline import stage_params
 
 REJECTED_SHOWN = 20  # rows of rejected.csv shown in the data card
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;
-padding:0 24px 48px;color:#1f2933;line-height:1.45}
-h1{margin-top:28px}h2{border-bottom:1px solid #d9e2ec;padding-bottom:4px;margin-top:36px}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
-td,th{border:1px solid #d9e2ec;padding:4px 10px;text-align:right}
-th{background:#f0f4f8}td:first-child,th:first-child{text-align:left}
-.meta{color:#52606d;font-size:14px}.grid{display:grid;grid-template-columns:1fr 1fr;gap:12px}
-pre{background:#f5f7fa;padding:12px;overflow:auto;font-size:13px}
-.ok{color:#207b3c;font-weight:600}.bad{color:#b42318;font-weight:600}
-img{max-width:100%}
-"""
-
-
-class Page:
-    """Collects sections; inlines plotly.js with the first figure only."""
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.toc: list[tuple[str, str]] = []
-        self._plotly_included = False
-
-    def section(self, anchor: str, title: str) -> None:
-        self.toc.append((anchor, title))
-        self.parts.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
-
-    def add(self, markup: str) -> None:
-        self.parts.append(markup)
-
-    def figure(self, fig: go.Figure, div_id: str) -> None:
-        fig.update_layout(margin={"l": 40, "r": 20, "t": 40, "b": 40}, template="plotly_white")
-        self.parts.append(
-            fig.to_html(
-                full_html=False,
-                include_plotlyjs=not self._plotly_included,
-                div_id=div_id,
-                config={"displaylogo": False},
-            )
-        )
-        self._plotly_included = True
-
-    def pair(self, left: tuple[go.Figure, str], right: tuple[go.Figure, str]) -> None:
-        """Two (figure, div id) side by side."""
-        self.add('<div class="grid"><div>')
-        self.figure(*left)
-        self.add("</div><div>")
-        self.figure(*right)
-        self.add("</div></div>")
-
-
-def class_curves(
-    folder: Path, classes: list[str], x: str, y: str, label: Callable[[str], str]
-) -> go.Figure:
-    """One line per class from `folder/<class>.csv` (classes without a file are left out)."""
-    fig = go.Figure()
-    for c in classes:
-        path = folder / f"{safe_name(c)}.csv"
-        if path.is_file():
-            curve = pd.read_csv(path)
-            fig.add_scatter(x=curve[x], y=curve[y], name=f"{c} ({label(c)})")
-    return fig
-
-
-def table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
-    """HTML table with escaped cells."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = []
-    for row in frame.itertuples(index=False):
-        cells = "".join(
-            f"<td>{html.escape(floats.format(v) if isinstance(v, float) else str(v))}</td>"
-            for v in row
-        )
-        rows.append(f"<tr>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
-
-
-def image_tag(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
-def environment() -> str:
-    import dvc
-    import timm
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return (
-        f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"timm {timm.__version__}, dvc {dvc.__version__}, {device}"
-    )
 
 
 def source_line(card: dict) -> str:
@@ -192,10 +96,6 @@ def data_section(
     page.add(rejected_block(rejected, rejected_file))
 
 
-def interval(ci: list[float] | None) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-
-
 def metric_table(rows: dict[str, dict], first: str) -> pd.DataFrame:
     """One row per entry of `rows` ({name: {metric: value, ..., "ci": {metric: [lo, hi]}}}),
     each metric that has an interval followed by its "95% CI" column."""
@@ -233,46 +133,49 @@ def training_section(page: Page, history: pd.DataFrame, train: dict) -> None:
     page.pair((loss, "loss-curve"), (scores, "val-curve"))
 
 
-def results_section(
-    page: Page, result: dict, confusion: pd.DataFrame, classes: list[str], roc_dir: Path
-) -> None:
-    page.section("results", "Test results")
+HEADLINE = (
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "f1_micro",
+    "precision_macro",
+    "recall_macro",
+    "kappa",
+    "roc_auc",
+    "hamming_loss",
+)
+
+
+def headline_table(result: dict) -> pd.DataFrame:
+    """One row per headline metric: value and its 95% interval."""
     ci = result.get("ci", {})
-    rows = [
-        (k, result[k], *(ci.get(k) or ("", "")))
-        for k in (
-            "accuracy",
-            "balanced_accuracy",
-            "f1_macro",
-            "f1_micro",
-            "precision_macro",
-            "recall_macro",
-            "kappa",
-            "roc_auc",
-            "hamming_loss",
-        )
-        if k in result
-    ]
-    page.add(f"<p>{result['n_test']:,} test images; 95% bootstrap intervals.</p>")
-    page.add(table(pd.DataFrame(rows, columns=["metric", "value", "CI low", "CI high"])))
-    page.add(table(metric_table({c: result["per_class"][c] for c in classes}, "class")))
+    rows = [(k, result[k], *(ci.get(k) or ("", ""))) for k in HEADLINE if k in result]
+    return pd.DataFrame(rows, columns=["metric", "value", "CI low", "CI high"])
+
+
+def confusion_figures(confusion: pd.DataFrame, classes: list[str]) -> tuple[go.Figure, go.Figure]:
+    """The confusion matrix as counts and as the share of each actual class."""
     seen = set(confusion["actual"]) | set(confusion["predicted"])
     order = [*classes, *sorted(seen - set(classes))]  # multi-label adds "no <label>"
     counts = pd.crosstab(confusion["actual"], confusion["predicted"]).reindex(
         index=order, columns=order, fill_value=0
     )
-    heat = px.imshow(
-        counts.to_numpy(),
-        x=order,
-        y=order,
-        text_auto=True,
-        color_continuous_scale="Blues",
-        labels={"x": "predicted", "y": "actual"},
-    )
+    shares = counts.div(counts.sum(axis=1).replace(0, 1), axis=0).round(3)
+    style = {"x": order, "y": order, "text_auto": True, "color_continuous_scale": "Blues"}
+    style["labels"] = {"x": "predicted", "y": "actual"}
+    heat = px.imshow(counts.to_numpy(), **style)
     heat.update_layout(title="Confusion matrix", height=380)
-    per_class = result["per_class"]
+    norm = px.imshow(shares.to_numpy(), zmin=0, zmax=1, **style)
+    norm.update_layout(title="Confusion matrix, share of each actual class", height=380)
+    return heat, norm
+
+
+def curve_figures(
+    plots_dir: Path, classes: list[str], per_class: dict
+) -> tuple[go.Figure, go.Figure]:
+    """One-vs-rest ROC and precision-recall curves, one trace per class."""
     roc = class_curves(
-        roc_dir, classes, "fpr", "tpr", lambda c: f"AUC {per_class[c]['roc_auc']:.3f}"
+        plots_dir / "roc", classes, "fpr", "tpr", lambda c: f"AUC {per_class[c]['roc_auc']:.3f}"
     )
     roc.add_scatter(x=[0, 1], y=[0, 1], name="chance", line={"dash": "dot", "color": "#999"})
     roc.update_layout(
@@ -281,21 +184,8 @@ def results_section(
         yaxis_title="true positive rate",
         height=380,
     )
-    page.pair((heat, "confusion"), (roc, "roc"))
-    shares = counts.div(counts.sum(axis=1).replace(0, 1), axis=0).round(3)
-    norm = px.imshow(
-        shares.to_numpy(),
-        x=order,
-        y=order,
-        text_auto=True,
-        zmin=0,
-        zmax=1,
-        color_continuous_scale="Blues",
-        labels={"x": "predicted", "y": "actual"},
-    )
-    norm.update_layout(title="Confusion matrix, share of each actual class", height=380)
     pr = class_curves(
-        roc_dir.parent / "pr",
+        plots_dir / "pr",
         classes,
         "recall",
         "precision",
@@ -307,6 +197,19 @@ def results_section(
         yaxis_title="precision",
         height=380,
     )
+    return roc, pr
+
+
+def results_section(
+    page: Page, result: dict, confusion: pd.DataFrame, classes: list[str], plots_dir: Path
+) -> None:
+    page.section("results", "Test results")
+    page.add(f"<p>{result['n_test']:,} test images; 95% bootstrap intervals.</p>")
+    page.add(table(headline_table(result)))
+    page.add(table(metric_table({c: result["per_class"][c] for c in classes}, "class")))
+    heat, norm = confusion_figures(confusion, classes)
+    roc, pr = curve_figures(plots_dir, classes, result["per_class"])
+    page.pair((heat, "confusion"), (roc, "roc"))
     page.pair((norm, "confusion-normalized"), (pr, "pr"))
 
 
@@ -443,14 +346,15 @@ def embedding_section(page: Page, embedding: pd.DataFrame, embed: dict) -> None:
     page.figure(fig, "tsne")
 
 
-def render(page: Page, title: str, header: str) -> str:
-    toc = " · ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in page.toc)
-    return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
-        f'<h1>{html.escape(title)}</h1><p class="meta">{header}</p><p>{toc}</p>'
-        f"{''.join(page.parts)}</body></html>"
-    )
+def result_params(params: Params) -> dict:
+    """The params that produced the results, per section: every key a stage depends on in
+    dvc.yaml (operational keys such as num_workers are left out: they change no result)."""
+    shown: dict = {}
+    for key in stage_params("report"):
+        section, _, name = key.partition(".")
+        values = getattr(params, section).model_dump()
+        shown.setdefault(section, {}).update({name: values[name]} if name else values)
+    return shown
 
 
 def run(
@@ -460,13 +364,12 @@ def run(
     rejected_file: Path = paths.REJECTED,
 ) -> str:
     start = time.perf_counter()
-    card = read_json("data/raw/dataset.json")
+    card = read_json(paths.DATASET_CARD)
     classes = card["classes"]
-    result = read_json("metrics/evaluate.json")
-    raw_params = Path(params_file).read_text()
+    result = read_evaluation(paths.EVALUATE_METRICS, paths.EVALUATE_DETAIL)
     page = Page()
     rejected = read_csv(rejected_file, required=("path", "reason"))
-    data_section(page, card, read_json("metrics/split.json"), rejected, rejected_file)
+    data_section(page, card, read_json(paths.SPLIT_METRICS), rejected, rejected_file)
     page.section("preprocessing", "Preprocessing")
     p = params.preprocess
     page.add(
@@ -474,22 +377,23 @@ def run(
         f"blur {p.blur}, resized to {p.size} x {p.size}, {p.channels} channel(s). "
         "Pairs of raw image | stored model input, a row per class.</p>"
     )
-    page.add(image_tag(Path("plots/preprocess/samples.png"), "samples before and after"))
-    training_section(page, read_csv("plots/train/history.csv"), read_json("metrics/train.json"))
-    results_section(
-        page, result, read_csv("plots/evaluate/confusion.csv"), classes, Path("plots/evaluate/roc")
-    )
+    page.add(image_tag(paths.SAMPLES, "samples before and after"))
+    training_section(page, read_csv(paths.HISTORY), read_json(paths.TRAIN_METRICS))
+    confusion = read_csv(paths.EVALUATE_PLOTS / "confusion.csv")
+    results_section(page, result, confusion, classes, paths.EVALUATE_PLOTS)
     if "ece" in result:
-        calibration_section(page, result, read_csv("plots/evaluate/calibration.csv"))
-    export_file = Path("metrics/export.json")
-    deployment_section(page, result, read_json(export_file) if export_file.is_file() else None)
-    embedding_section(page, read_csv("plots/embed/embedding.csv"), read_json("metrics/embed.json"))
-    explain_file = Path("metrics/explain.json")
-    if explain_file.is_file():
-        explain_section(page, read_json(explain_file), Path("plots/explain"), classes)
+        calibration_section(page, result, read_csv(paths.EVALUATE_PLOTS / "calibration.csv"))
+    export = read_json(paths.EXPORT_METRICS) if paths.EXPORT_METRICS.is_file() else None
+    deployment_section(page, result, export)
+    embedding_section(page, read_csv(paths.EMBEDDING), read_json(paths.EMBED_METRICS))
+    if paths.EXPLAIN_METRICS.is_file():
+        explain = read_json(paths.EXPLAIN_METRICS)
+        explain_section(page, explain, paths.EXPLAIN_PLOTS, classes)
+    shown = yaml.safe_dump(result_params(params), sort_keys=False)
     page.section("params", "Parameters")
-    page.add(f"<pre>{html.escape(raw_params)}</pre>")
-    digest = hashlib.sha256(raw_params.encode()).hexdigest()[:12]
+    page.add(f"<p>From {html.escape(str(params_file))}: every key the results depend on.</p>")
+    page.add(f"<pre>{html.escape(shown)}</pre>")
+    digest = hashlib.sha256(Path(params_file).read_bytes()).hexdigest()[:12]
     header = html.escape(
         f"{card['name']} · {params.model.name} · commit {git_commit()} · params {digest} · "
         f"{environment()} · {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"

@@ -1,367 +1,84 @@
 """train stage: fit a timm model on the processed arrays, keep the best epoch.
 
-Outputs: models/model.pt (weights + metadata), metrics/train.json, plots/train/history.csv
-(one row per epoch), the DVCLive log in plots/train/live/ and models/last.pt, the per-epoch
-resume checkpoint (rerunning after a kill continues from the last finished epoch).
-Under torchrun every process trains on its shard (DistributedDataParallel); rank 0 alone
-validates and writes.
+Outputs: models/model.pt (weights + `ModelMeta`), metrics/train.json, plots/train/history.csv
+(one row per epoch), dvclive/ (losses and the monitored metric, written as each epoch ends:
+the live view) and models/last.pt, the per-epoch resume checkpoint (rerunning after a kill
+continues from the last finished epoch). The loop itself is `lib.training.fit`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from dvclive import Live
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.transforms import v2
-from tqdm import tqdm
 
-from stages.lib import metrics, paths, runtime
-from stages.lib.augment import BatchAugment
-from stages.lib.io import atomic_dir, read_processed, targets, write_csv, write_json
-from stages.lib.models import (
-    build_model,
-    head_names,
-    memory_format,
-    predict,
-    pretrained_norm,
-    save_checkpoint,
-    select_device,
-    trainable_parameters,
-)
-from stages.lib.optim import LRSchedule, build_loss, build_optimizer, build_sampler
+from stages.lib import paths, pipeline, runtime
+from stages.lib.checkpoint import ModelMeta
+from stages.lib.io import atomic_dir, write_csv, write_json
+from stages.lib.models import build_model, pretrained_norm, save_checkpoint, select_device
 from stages.lib.params import AugmentParams, ModelParams, TrainParams
 from stages.lib.runtime import DistInfo
+from stages.lib.training import fit, load_split
 
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
-# the code a resumable run's fingerprint covers (a change starts training afresh)
-CODE_FILES = (
-    "train.py",
-    "optim.py",
-    "models.py",
-    "runtime.py",
-    "metrics.py",
-    "augment.py",
-    "io.py",
-)
-AUG_SEED = 7919  # offset of the augmentation generator's seed from train.seed
-PROGRESS_KEYS = ("history", "best", "best_state", "stale")  # Progress fields, in order
-POLICIES = {
-    "trivialaugment": v2.TrivialAugmentWide,
-    "randaugment": v2.RandAugment,
-    "autoaugment": v2.AutoAugment,
-}
 
 
-def build_transform(aug: AugmentParams) -> nn.Module | None:
-    """The per-image part of the augmentation, on (C, H, W) uint8 tensors in the loader: only
-    an automatic policy, which has no batched form. The rest runs on whole batches on the
-    training device (`augment.BatchAugment`)."""
-    return POLICIES[aug.policy]() if aug.policy != "none" else None
-
-
-def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """collate_fn for datasets that return whole batches (`__getitems__`)."""
-    return batch
-
-
-class ArrayDataset(Dataset):
-    """Items of a (N, H, W, C) uint8 array as (C, H, W) uint8 tensors with their target (a
-    class index, or a multi-hot float vector). The loader fetches a batch with one array
-    gather (`__getitems__`), not one Python call per image."""
-
-    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: nn.Module | None):
-        self.images, self.targets, self.transform = images, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.__getitems__([i])
-        return x[0], y[0]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.take(self.images, indices, axis=0)).permute(0, 3, 1, 2)
-        if self.transform is not None:
-            x = torch.stack([self.transform(img) for img in x])
-        return x, torch.from_numpy(np.take(self.targets, indices, axis=0))
-
-
-def set_trainable(model: nn.Module, head_only: bool, trainable_from: str | None = None) -> None:
-    """Train the classifier only (head_only), the blocks from `trainable_from` on, or all."""
-    head = head_names(model)
-    names = trainable_parameters(model, trainable_from)
-    for name, p in model.named_parameters():
-        p.requires_grad = name in head or (not head_only and name in names)
-
-
-def validate(
-    model: nn.Module, images: np.ndarray, y: np.ndarray, meta: dict, device: torch.device, loss_fn
-) -> dict[str, float]:
-    """Validation loss (weights as in training, no smoothing) and headline metrics."""
-    probs = predict(model, images, meta, 256, device)
-    p, target = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7), torch.tensor(y)
-    if y.ndim == 2:  # multi-label: per-label sigmoid probabilities
-        pos_weight = None if loss_fn.pos_weight is None else loss_fn.pos_weight.cpu()
-        logits = torch.log(p) - torch.log1p(-p)
-        loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)(logits, target)
-        return {"loss": float(loss), **metrics.summarize_multilabel(y, probs)}
-    weight = None if loss_fn.weight is None else loss_fn.weight.cpu()
-    loss = nn.NLLLoss(weight=weight)(torch.log(p), target)
-    return {"loss": float(loss), **metrics.summarize(y, probs)}
-
-
-def build_loader(
-    dataset: ArrayDataset,
-    params: TrainParams,
-    generator: torch.Generator,
-    info: DistInfo,
-    pin_memory: bool,
-) -> DataLoader:
-    """Shuffled (or class-balanced) batches; under torchrun each rank gets its own share."""
-    batch_size = params.batch_size // info.world  # train.batch_size is the global batch
-    if batch_size < 1 or len(dataset) // (batch_size * info.world) == 0:
-        raise ValueError(
-            f"train.batch_size {params.batch_size} does not fit {len(dataset)} training images "
-            f"on {info.world} process(es); lower it (or raise it to at least one per process)"
-        )
-    sampler = None
-    if params.sampler == "balanced":
-        sampler = build_sampler(dataset.targets, generator, len(dataset) // info.world)
-    elif info.world > 1:
-        sampler = DistributedSampler(
-            dataset, info.world, info.rank, shuffle=True, seed=params.seed, drop_last=True
-        )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
-        generator=generator,
-        collate_fn=keep_batch,
-        num_workers=params.num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,  # fresh workers seeded from `generator` each epoch: resumable
+def build_meta(
+    model_params: ModelParams,
+    data_meta: dict,
+    model: torch.nn.Module,
+    shape: tuple[int, ...],
+    monitor: str,
+    params: dict,
+) -> ModelMeta:
+    """The checkpoint's meta before training (best_epoch is filled in at the end). Pretrained
+    runs normalise with the statistics the weights were trained with."""
+    size, channels = int(shape[1]), int(shape[3])
+    mean, std = data_meta["mean"], data_meta["std"]
+    if model_params.pretrained:
+        mean, std = pretrained_norm(model, channels)
+    return ModelMeta(
+        model_name=model_params.name,
+        classes=data_meta["classes"],
+        task=data_meta["task"],
+        channels=channels,
+        input_size=size,
+        mean=mean,
+        std=std,
+        preprocess=data_meta["preprocess"],
+        dataset=data_meta["dataset"],
+        head_hidden=model_params.head_hidden,
+        weights_source=getattr(model, "weights_source", None),
+        monitor=monitor,
+        params=params,
     )
 
 
-def log_row(live: Live | None, row: dict) -> None:
-    if live is None:
-        return
-    for key, value in row.items():
-        if key not in ("epoch", "best"):
-            live.log_metric(key.replace("val_", "val/").replace("train_", "train/"), value)
-    live.next_step()
+def summarize(history: list[dict], params: TrainParams, info: DistInfo, seconds: float) -> dict:
+    """metrics/train.json: best epoch and score, epochs run, throughput."""
+    best_row = next(r for r in reversed(history) if r.get("best"))
+    images = sum(r["images_per_second"] * r["epoch_seconds"] for r in history)
+    return {
+        "best_epoch": best_row["epoch"],
+        "epochs_run": len(history),
+        f"best_{params.monitor}": round(best_row[params.monitor], 4),
+        "train_seconds": round(seconds, 1),
+        "images_per_second": round(images / sum(r["epoch_seconds"] for r in history), 1),
+        "device": select_device(params.device).type,
+        "processes": info.world,
+    }
 
 
-@dataclass
-class Batches:
-    """How a uint8 batch reaches the model: device, augmentation, normalisation, memory
-    layout, autocast."""
-
-    device: torch.device
-    mean: torch.Tensor  # (1, C, 1, 1)
-    std: torch.Tensor
-    amp: bool
-    augment: nn.Module | None = None
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return memory_format(self.device)
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True).float() / 255
-        if self.augment is not None:
-            x = self.augment(x)
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-
-
-@dataclass
-class Progress:
-    """History and best epoch so far: what a resumed run must get back."""
-
-    monitor: str
-    history: list[dict] = field(default_factory=list)
-    best: float = -np.inf
-    best_state: dict | None = None
-    stale: int = 0
-
-    def score(self, row: dict) -> float:
-        """The monitored metric, higher = better (NaN counts as worst)."""
-        value = row[self.monitor] if self.monitor != "val_loss" else -row[self.monitor]
-        return -np.inf if np.isnan(value) else value
-
-    def record(self, row: dict, model: nn.Module, keep_weights: bool) -> None:
-        self.history.append(row)
-        if self.best_state is None or self.score(row) > self.best:
-            self.best, self.stale, row["best"] = self.score(row), 0, True
-            self.best_state = copy.deepcopy(model.state_dict()) if keep_weights else {}
-        else:
-            self.stale += 1
-
-
-def train_epoch(
-    net: nn.Module,
-    loader: DataLoader,
-    opt: torch.optim.Optimizer,
-    sched: LRSchedule,
-    loss_fn: nn.Module,
-    batches: Batches,
-    params: TrainParams,
-    epoch: int,
-    show: bool,
-) -> tuple[float, int, float]:
-    """One pass over the loader; returns mean loss, images seen and seconds taken."""
-    start, total, seen = time.perf_counter(), 0.0, 0
-    step0 = (epoch - 1) * len(loader)
-    desc = f"epoch {epoch}/{params.epochs}"
-    bar = tqdm(loader, desc=desc, leave=False, mininterval=1, disable=not show)
-    for step, (x, y) in enumerate(bar, start=1):
-        x, y = batches.prepare(x), y.to(batches.device, non_blocking=True)
-        with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=batches.amp):
-            loss = loss_fn(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if params.grad_clip:
-            nn.utils.clip_grad_norm_(net.parameters(), params.grad_clip)
-        opt.step()
-        sched.step_update(step0 + step)
-        total, seen = total + loss.item() * len(y), seen + len(y)
-        bar.set_postfix(loss=f"{total / seen:.3f}")
-    return total / seen, seen, time.perf_counter() - start
-
-
-def wrap_model(
-    model: nn.Module, params: TrainParams, info: DistInfo, device: torch.device
-) -> nn.Module:
-    """The module the training step calls: DDP under torchrun, compiled when asked."""
-    net = model
-    if info.world > 1:  # wrap after requires_grad is set: DDP syncs only trainable params
-        net = DistributedDataParallel(model, [device] if device.type == "cuda" else None)
-    return torch.compile(net) if params.compile else net
-
-
-def restore(
-    state: dict,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: LRSchedule,
-    generators: tuple[torch.Generator, ...],
-    info: DistInfo,
-) -> Progress:
-    """Load a resume checkpoint into the training objects; return the progress it holds."""
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["schedule"])
-    runtime.set_rng_state(state["rng"][info.rank], *generators)
-    return Progress(sched.params.monitor, *(state[k] for k in PROGRESS_KEYS))
-
-
-def fit(
-    model: nn.Module,
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
-    meta: dict,
-    params: TrainParams,
-    aug: AugmentParams,
-    freeze_epochs: int,
-    live: Live | None = None,
-    *,
-    trainable_from: str | None = None,
-    resume_file: Path | None = None,
-    run_id: str = "",
-    info: DistInfo = DistInfo(),
-) -> tuple[dict, list[dict]]:
-    """Train with early stopping; return the best state dict and the per-epoch history.
-
-    With `resume_file`, the state after every epoch is saved there and a matching
-    unfinished checkpoint (same `run_id`) is continued instead of starting over.
-    """
-    device = runtime.init_distributed(info, select_device(params.device))
-    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    generator = torch.Generator().manual_seed(params.seed + info.rank)  # order, workers
-    # augmentation draws from its own stream: the same whatever num_workers prefetches
-    augment = BatchAugment(aug, torch.Generator().manual_seed(params.seed + info.rank + AUG_SEED))
-    generators = (generator, augment.generator)
-    batches = Batches(device, mean, std, params.amp and device.type == "cuda", augment)
-    model.to(device, memory_format=batches.memory_format)
-    dataset = ArrayDataset(train[0], train[1], build_transform(aug))
-    loader = build_loader(dataset, params, generator, info, device.type == "cuda")
-    loss_fn = build_loss(params, train[1], len(meta["classes"])).to(device)
-    scale = params.unfreeze_lr_factor if freeze_epochs else 1.0
-    opt = build_optimizer(model, params, head_names(model), body_lr_scale=scale)
-    sched = LRSchedule(opt, params, len(loader))
-    progress, start = Progress(params.monitor), 1
-    state = runtime.load_resume(resume_file, run_id, info.is_main) if resume_file else None
-    if state is not None:
-        progress, start = restore(state, model, opt, sched, generators, info), state["epoch"] + 1
-        for row in progress.history:
-            log_row(live, row)
-        if info.is_main:
-            tqdm.write(f"resuming from {resume_file} after epoch {start - 1}")
-    phase = None
-    for epoch in range(start, params.epochs + 1):
-        if phase != (epoch <= freeze_epochs):
-            phase = epoch <= freeze_epochs
-            set_trainable(model, phase, trainable_from)
-            net = wrap_model(model, params, info, device)
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        model.train()
-        loss, seen, seconds = train_epoch(
-            net, loader, opt, sched, loss_fn, batches, params, epoch, info.is_main
-        )
-        row = None
-        if info.is_main:  # rank 0 validates; every rank gets the same row
-            scores = validate(model, val[0], val[1], meta, device, loss_fn)
-            row = {
-                "epoch": epoch,
-                "train_loss": loss,
-                "lr": opt.param_groups[-1]["lr"],  # the head's group: lr_scale 1
-                "images_per_second": seen * info.world / seconds,
-                "epoch_seconds": seconds,
-                **{f"val_{k}": v for k, v in scores.items()},
-            }
-        row = runtime.broadcast(row, info)
-        log_row(live, row)
-        progress.record(row, model, keep_weights=info.is_main)
-        sched.step_epoch(progress.score(row))
-        finished = progress.stale >= params.patience or epoch == params.epochs
-        rng = runtime.gather(runtime.rng_state(*generators), info)
-        if resume_file and info.is_main and not finished:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng}
-            state |= {k: getattr(progress, k) for k in PROGRESS_KEYS}
-            state |= {"schedule": sched.state_dict(), "fingerprint": run_id, "epoch": epoch}
-            runtime.save_resume(resume_file, {**state, "finished": False})
-        if info.is_main:
-            tqdm.write(
-                f"epoch {epoch}: train_loss {loss:.3f}  val_loss {row['val_loss']:.3f}  "
-                f"{params.monitor} {row[params.monitor]:.3f}  "
-                f"{row['images_per_second']:.0f} img/s"
-            )
-        if finished:
-            break
-    if resume_file and info.is_main:  # a small marker: DVC expects the output to exist
-        runtime.save_resume(resume_file, {"fingerprint": run_id, "finished": True})
-    return progress.best_state, progress.history
-
-
-def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Images (N, S, S, C) in memory, targets (class indices or multi-hot rows) and meta."""
-    images, frame, meta = read_processed(processed_dir, split)
-    return np.asarray(images), targets(frame, meta), meta
+def set_threads(info: DistInfo) -> None:
+    """Share the cores among the processes of this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // info.local_world))
 
 
 def run(
@@ -373,37 +90,31 @@ def run(
     metrics_file: Path = paths.TRAIN_METRICS,
     plots_dir: Path = paths.TRAIN_PLOTS,
     resume_file: Path = paths.RESUME,
+    live_dir: Path = paths.LIVE,
 ) -> str:
     start = time.perf_counter()
     info = runtime.dist_info()
     torch.manual_seed(params.seed)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // info.local_world))
-    train_x, train_y, meta = load_split(processed_dir, "train")
+    set_threads(info)
+    train_x, train_y, data_meta = load_split(processed_dir, "train")
     val_x, val_y, _ = load_split(processed_dir, "val")
-    channels = int(train_x.shape[3])
-    model = build_model(model_params, len(meta["classes"]), channels)
+    model = build_model(model_params, len(data_meta["classes"]), int(train_x.shape[3]))
     if info.world > 1:
         torch.manual_seed(params.seed + info.rank)  # same init everywhere, own augmentation
-    if model_params.pretrained:  # the statistics the weights were trained with
-        mean, std = pretrained_norm(model, channels)
-        meta = {**meta, "mean": mean, "std": std}
-    all_params = {
-        "model": model_params.model_dump(),
-        "train": params.model_dump(),
-        "augment": aug.model_dump(),
-    }
-    here = Path(__file__).parent
+    all_params = {"model": model_params, "train": params, "augment": aug}
+    all_params = {k: v.model_dump() for k, v in all_params.items()}
+    meta = build_meta(model_params, data_meta, model, train_x.shape, params.monitor, all_params)
     run_id = runtime.fingerprint(
         {**all_params, "world": info.world},
         [processed_dir / n for n in ("meta.json", "train.csv", "val.csv")],
-        [here / n for n in CODE_FILES],
+        [pipeline.ROOT / f for f in pipeline.code_files("stages.train")],
     )
     # only rank 0 writes; other ranks train their share and stop here
     outputs = atomic_dir(plots_dir) if info.is_main else contextlib.nullcontext(None)
     try:
         with runtime.sigterm_as_exit(), outputs as tmp:
-            live = Live(dir=str(tmp / "live"), dvcyaml=False, save_dvc_exp=False) if tmp else None
+            # DVCLive writes each epoch as it ends (live view), not through the atomic folder
+            live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) if tmp else None
             best_state, history = fit(
                 model,
                 (train_x, train_y),
@@ -421,44 +132,18 @@ def run(
             if tmp is not None:
                 live.end()
                 history_frame = pd.DataFrame(history).drop(columns="best", errors="ignore")
-                write_csv(tmp / "history.csv", history_frame)
+                write_csv(tmp / paths.HISTORY.name, history_frame)
     finally:
         runtime.close_distributed()
     if not info.is_main:
         return f"train: rank {info.rank} of {info.world} done"
     model.load_state_dict(best_state)
-    best_row = next(r for r in reversed(history) if r.get("best"))
-    train_seconds = time.perf_counter() - start
-    checkpoint_meta = {
-        "model_name": model_params.name,
-        "classes": meta["classes"],
-        "task": meta["task"],
-        "channels": channels,
-        "input_size": int(train_x.shape[1]),
-        "mean": meta["mean"],
-        "std": meta["std"],
-        "preprocess": meta["preprocess"],
-        "dataset": meta["dataset"],
-        "head_hidden": model_params.head_hidden,
-        "weights_source": getattr(model, "weights_source", None),
-        "best_epoch": best_row["epoch"],
-        "monitor": params.monitor,
-        "params": all_params,
-    }
-    save_checkpoint(model_file, model, checkpoint_meta)
-    images = sum(r["images_per_second"] * r["epoch_seconds"] for r in history)
-    summary = {
-        "best_epoch": best_row["epoch"],
-        "epochs_run": len(history),
-        f"best_{params.monitor}": round(best_row[params.monitor], 4),
-        "train_seconds": round(train_seconds, 1),
-        "images_per_second": round(images / sum(r["epoch_seconds"] for r in history), 1),
-        "device": select_device(params.device).type,
-        "processes": info.world,
-    }
+    summary = summarize(history, params, info, time.perf_counter() - start)
+    save_checkpoint(model_file, model, replace(meta, best_epoch=summary["best_epoch"]))
     write_json(metrics_file, summary)
+    best = summary[f"best_{params.monitor}"]
     return (
-        f"train: {model_params.name}, {len(history)} epochs (best {best_row['epoch']}, "
-        f"{params.monitor} {best_row[params.monitor]:.3f}), "
-        f"{summary['images_per_second']:.0f} img/s -> {model_file} in {train_seconds:.1f} s"
+        f"train: {model_params.name}, {len(history)} epochs (best {summary['best_epoch']}, "
+        f"{params.monitor} {best:.3f}), {summary['images_per_second']:.0f} img/s "
+        f"-> {model_file} in {summary['train_seconds']:.1f} s"
     )

@@ -102,7 +102,17 @@ def tiny_processed(
     (processed / "meta.json").write_text(json.dumps(meta))
     checkpoint = root / "model.pt"
     model = timm.create_model("resnet10t", num_classes=len(classes), in_chans=1)
-    save_checkpoint(
-        checkpoint, model, {**meta, "model_name": "resnet10t", "channels": 1, "input_size": 32}
-    )
+    extra = {"input_size": 32, "preprocess": meta["preprocess"], "dataset": "toy"}
+    save_checkpoint(checkpoint, model, model_meta(classes, task, [0.5], [0.2], **extra))
     return processed, checkpoint
+
+
+def model_meta(classes=("a", "b"), task=None, mean=(0.3,), std=(0.3,), **fields):
+    """A ModelMeta for tests: resnet10t on 1-channel 16 px inputs unless told otherwise."""
+    from stages.lib.checkpoint import ModelMeta
+
+    classes = list(classes)
+    task = task or ("binary" if len(classes) == 2 else "multiclass")
+    values = {"model_name": "resnet10t", "channels": 1, "input_size": 16, "preprocess": {}}
+    values |= {"classes": classes, "task": task, "mean": list(mean), "std": list(std)}
+    return ModelMeta(**(values | fields))

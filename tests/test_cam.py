@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from stages.lib import cam
+from tests.conftest import model_meta
 
-META = {"mean": [0.0], "std": [1.0], "channels": 1, "input_size": 32, "task": "binary"}
+META = model_meta(["a", "b"], "binary", [0.0], [1.0], input_size=32)
 
 
 class SpotNet(nn.Module):

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.lib.images import read_image
+from stages.lib.metrics import read_evaluation
 from tests.conftest import write_params
 
 runner = CliRunner()
@@ -83,7 +84,9 @@ def test_train(project, monkeypatch):
 
 def test_evaluate(project, monkeypatch):
     invoke(project, "evaluate", monkeypatch)
-    result = json.loads((project / "metrics/evaluate.json").read_text())
+    result = read_evaluation(
+        project / "metrics/evaluate.json", project / "plots/evaluate/detail.json"
+    )
     for key in (
         "accuracy",
         "balanced_accuracy",

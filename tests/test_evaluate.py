@@ -3,7 +3,7 @@ multi-label outputs, TTA views and the deployment figures."""
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from stages import evaluate
-from stages.lib.models import Deployable, measure_latency, predict, tta_views
+from stages.lib.inference import Deployable, LoadedModel, measure_latency, predict, tta_views
+from stages.lib.metrics import read_evaluation
 from stages.lib.params import EvaluateParams
-from tests.conftest import tiny_processed
+from tests.conftest import model_meta, tiny_processed
 
-META = {"mean": [0.5], "std": [0.25], "channels": 1, "input_size": 16, "task": "multiclass"}
+META = model_meta(["a", "b", "c"], "multiclass", [0.5], [0.25])
 
 
 class FixedLogits(nn.Module):
@@ -101,7 +102,7 @@ def test_predict_uses_sigmoid_for_multilabel_and_softmax_otherwise():
     images = np.full((3, 16, 16, 1), 200, np.uint8)
     model = FixedLogits([2.0, 1.0, -1.0])
     soft = predict(model, images, META, 2, torch.device("cpu"))
-    sig = predict(model, images, {**META, "task": "multilabel"}, 2, torch.device("cpu"))
+    sig = predict(model, images, replace(META, task="multilabel"), 2, torch.device("cpu"))
     assert np.allclose(soft.sum(1), 1.0)
     assert not np.allclose(sig.sum(1), 1.0)
     logits = model(torch.full((1, 1, 16, 16), (200 / 255 - 0.5) / 0.25))
@@ -130,9 +131,10 @@ def test_deployment_figures_on_a_real_checkpoint(tmp_path):
     from stages.lib.models import save_checkpoint
 
     model = timm.create_model("resnet10t", num_classes=3, in_chans=1).eval()
-    meta = {**META, "input_size": 32}
+    meta = replace(META, input_size=32)
     save_checkpoint(tmp_path / "m.pt", model, meta)
-    figures = evaluate.deployment_figures(model, meta, tmp_path / "m.pt", torch.device("cpu"), 5)
+    loaded = LoadedModel(model, meta, torch.device("cpu"))
+    figures = evaluate.deployment_figures(loaded, tmp_path / "m.pt", 5)
     n = sum(p.numel() for p in model.parameters())
     assert figures["params_millions"] == pytest.approx(n / 1e6, abs=1e-3)
     assert figures["model_size_mb"] == pytest.approx(n * 4 / 1e6, rel=0.05)  # float32 weights
@@ -141,7 +143,7 @@ def test_deployment_figures_on_a_real_checkpoint(tmp_path):
 
 def test_deployable_equals_predict():
     model = timm.create_model("resnet10t", num_classes=2, in_chans=1).eval()
-    meta = {**META, "input_size": 32}
+    meta = replace(META, input_size=32)
     images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 1), dtype=np.uint8)
     expected = predict(model, images, meta, 5, torch.device("cpu"))
     with torch.inference_mode():
@@ -156,7 +158,7 @@ def test_run_binary_with_groups_writes_threshold_and_group_metrics(tmp_path):
     params = EvaluateParams(bootstrap=20, latency_runs=3)
     line = evaluate.run(params, processed, checkpoint, metrics_file, plots)
     assert "threshold" in line and "ms/image" in line
-    result = json.loads(metrics_file.read_text())
+    result = read_evaluation(metrics_file, plots / "detail.json")
     assert result["threshold"]["method"] == "youden"
     assert 0 <= result["threshold"]["value"] <= 1
     assert set(result["per_group"]) == {"hand", "wrist"}
@@ -178,7 +180,7 @@ def test_run_multilabel(tmp_path):
     evaluate.run(
         EvaluateParams(bootstrap=10, latency_runs=0), processed, checkpoint, metrics_file, plots
     )
-    result = json.loads(metrics_file.read_text())
+    result = read_evaluation(metrics_file, plots / "detail.json")
     assert {"f1_micro", "hamming_loss", "ece", "brier"} <= set(result)
     assert set(result["per_class"]) == set(classes) and "latency_ms" not in result
     table = pd.read_csv(plots / "predictions.csv", keep_default_na=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stages import export
-from stages.lib.models import predict
+from stages.lib.inference import predict
 from stages.lib.params import ExportParams
 from tests.conftest import tiny_processed
 
@@ -51,4 +51,4 @@ def test_exports_match_pytorch(tmp_path, task, n_classes):
 
     props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
     info = json.loads(props["medpipe"])
-    assert info["classes"] == meta["classes"] and info["preprocess"]["size"] == 32
+    assert info["classes"] == meta.classes and info["preprocess"]["size"] == 32

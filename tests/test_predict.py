@@ -22,6 +22,7 @@ from stages.lib.images import read_image
 from stages.lib.models import save_checkpoint
 from stages.lib.params import PreprocessParams
 from stages.tools import predict
+from tests.conftest import model_meta
 
 CLASSES = ["normal", "bacterial", "viral"]
 
@@ -30,16 +31,8 @@ CLASSES = ["normal", "bacterial", "viral"]
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.pt"
     model = timm.create_model("resnet10t", num_classes=3, in_chans=1)
-    meta = {
-        "model_name": "resnet10t",
-        "classes": CLASSES,
-        "task": "multiclass",
-        "channels": 1,
-        "input_size": 32,
-        "mean": [0.45],
-        "std": [0.25],
-        "preprocess": PreprocessParams(size=32).model_dump(),
-    }
+    preprocess = PreprocessParams(size=32).model_dump()
+    meta = model_meta(CLASSES, "multiclass", [0.45], [0.25], input_size=32, preprocess=preprocess)
     save_checkpoint(path, model, meta)
     return path
 

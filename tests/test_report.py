@@ -17,6 +17,7 @@ from PIL import Image
 
 from stages import report
 from stages.lib.io import safe_name
+from stages.lib.metrics import split_evaluation
 from stages.lib.params import parse_params
 from tests.conftest import TINY
 
@@ -139,7 +140,9 @@ def write_inputs(root: Path, classes: list[str], seed: int = 0) -> None:
         "latency_ms": 3.2,
         "latency_device": "cpu (4 threads)",
     }
-    (root / "metrics/evaluate.json").write_text(json.dumps(result))
+    headline, detail = split_evaluation(result)
+    (root / "metrics/evaluate.json").write_text(json.dumps(headline))
+    (root / "plots/evaluate/detail.json").write_text(json.dumps(detail))
     export = {
         "onnx_latency_ms": 1.5,
         "torchscript_size_mb": 19.7,

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from stages import evaluate, train
-from stages.lib import metrics, runtime
+from stages.lib import metrics, runtime, training
+from stages.lib.inference import predict
 from stages.lib.io import LABEL_SEPARATOR, write_json
-from stages.lib.models import build_model, load_checkpoint, predict
+from stages.lib.metrics import read_evaluation
+from stages.lib.models import build_model, load_checkpoint
 from stages.lib.optim import class_weights
 from stages.lib.params import AugmentParams, EvaluateParams, ModelParams, TrainParams
-from tests.conftest import BIN, write_params
+from tests.conftest import BIN, model_meta, write_params
 
 NO_AUG = AugmentParams(rotation=0, crop_scale=1.0, brightness=0, contrast=0)
 CHEST14 = [f"finding{k:02d}" for k in range(14)]
@@ -27,22 +29,24 @@ def test_class_weights_are_inverse_frequency():
 
 
 def test_policy_transform_keeps_shape_and_dtype():
-    transform = train.build_transform(AugmentParams(policy="trivialaugment", hflip=0.5))
+    transform = training.build_transform(AugmentParams(policy="trivialaugment", hflip=0.5))
     img = torch.randint(0, 255, (1, 32, 32), dtype=torch.uint8)
     out = transform(img)
     assert out.shape == (1, 32, 32) and out.dtype == torch.uint8
-    assert train.build_transform(AugmentParams()) is None  # the rest runs on whole batches
+    assert training.build_transform(AugmentParams()) is None  # the rest runs on whole batches
 
 
 def test_loader_gathers_whole_batches_with_a_policy():
     images = np.arange(10 * 8 * 8, dtype=np.uint8).reshape(10, 8, 8, 1)
-    dataset = train.ArrayDataset(images, np.arange(10), train.build_transform(AugmentParams()))
+    dataset = training.ArrayDataset(
+        images, np.arange(10), training.build_transform(AugmentParams())
+    )
     x, y = dataset.__getitems__([3, 1])
     assert x.shape == (2, 1, 8, 8) and torch.equal(x[1, 0], torch.from_numpy(images[1, :, :, 0]))
     assert y.tolist() == [3, 1]
-    policy = train.build_transform(AugmentParams(policy="randaugment"))
-    loader = train.build_loader(
-        train.ArrayDataset(images, np.arange(10), policy),
+    policy = training.build_transform(AugmentParams(policy="randaugment"))
+    loader = training.build_loader(
+        training.ArrayDataset(images, np.arange(10), policy),
         TrainParams(batch_size=4),
         torch.Generator().manual_seed(0),
         runtime.DistInfo(),
@@ -55,10 +59,10 @@ def test_loader_gathers_whole_batches_with_a_policy():
 
 def test_freeze_leaves_only_the_head_trainable():
     model = build_model(ModelParams(name="resnet10t"), 3, 1)
-    train.set_trainable(model, head_only=True)
+    training.set_trainable(model, head_only=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.weight", "fc.bias"}
-    train.set_trainable(model, head_only=False)
+    training.set_trainable(model, head_only=False)
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -110,13 +114,13 @@ def write_processed(root: Path, classes: list[str], multilabel: bool = False, n:
 
 
 def test_fit_learns_a_separable_task_and_is_deterministic():
-    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    meta = model_meta(["a", "b"])
     params = TrainParams(epochs=4, batch_size=16, lr=0.01, patience=4, warmup_epochs=0)
     results = []
     for _ in range(2):
         torch.manual_seed(0)
         model = build_model(ModelParams(name="resnet10t"), 2, 1)
-        state, history = train.fit(
+        state, history = training.fit(
             model, separable_data(), separable_data(seed=1), meta, params, NO_AUG, freeze_epochs=0
         )
         results.append(history)
@@ -126,14 +130,14 @@ def test_fit_learns_a_separable_task_and_is_deterministic():
 
 
 def test_freeze_then_unfreeze_moves_the_backbone_only_after_freeze_epochs():
-    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    meta = model_meta(["a", "b"])
     snapshots = []
     for epochs in (1, 2):
         torch.manual_seed(0)
         model = build_model(ModelParams(name="resnet10t"), 2, 1)
         start = {k: v.clone() for k, v in model.state_dict().items()}
         params = TrainParams(epochs=epochs, batch_size=16, warmup_epochs=0, unfreeze_lr_factor=0.1)
-        train.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 1)
+        training.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 1)
         snapshots.append((start, model.state_dict()))
     (start1, end1), (start2, end2) = snapshots
     assert torch.equal(start1["layer1.0.conv1.weight"], end1["layer1.0.conv1.weight"])
@@ -143,9 +147,9 @@ def test_freeze_then_unfreeze_moves_the_backbone_only_after_freeze_epochs():
 
 def test_balanced_sampler_fills_batches_evenly():
     targets = np.array([0] * 60 + [1] * 6)
-    dataset = train.ArrayDataset(np.zeros((66, 8, 8, 1), np.uint8), targets, torch.nn.Identity())
+    dataset = training.ArrayDataset(np.zeros((66, 8, 8, 1), np.uint8), targets, torch.nn.Identity())
     params = TrainParams(batch_size=6, sampler="balanced")
-    loader = train.build_loader(
+    loader = training.build_loader(
         dataset, params, torch.Generator().manual_seed(0), runtime.DistInfo(), False
     )
     drawn = torch.cat([y for _, y in loader]).numpy()
@@ -153,7 +157,7 @@ def test_balanced_sampler_fills_batches_evenly():
 
 
 def test_grad_clip_bounds_the_sgd_step():
-    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    meta = model_meta(["a", "b"])
     params = TrainParams(
         epochs=1, batch_size=16, optimizer="sgd", lr=0.1, weight_decay=0, momentum=0,
         warmup_epochs=0, scheduler="none", grad_clip=1e-6,
@@ -161,7 +165,7 @@ def test_grad_clip_bounds_the_sgd_step():
     torch.manual_seed(0)
     model = build_model(ModelParams(name="resnet10t"), 2, 1)
     before = [p.detach().clone() for p in model.parameters()]
-    train.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 0)
+    training.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 0)
     steps = 48 // 16
     change = max(
         (p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before, strict=True)
@@ -180,7 +184,7 @@ def test_multilabel_fixture_trains_with_bce_and_scores_macro_auc(in_tmp):
     auc = history["val_roc_auc"]
     assert auc.notna().all() and auc.max() > 0.75 and auc.max() > auc[0]  # it learns
     model, meta = load_checkpoint(in_tmp / "models/model.pt")
-    assert meta["task"] == "multilabel" and meta["classes"] == CHEST14
+    assert meta.task == "multilabel" and meta.classes == CHEST14
     x, y = multilabel_data(64, seed=2)
     probs = predict(model, x, meta, 64, torch.device("cpu"))
     assert probs.shape == (64, 14)
@@ -188,7 +192,9 @@ def test_multilabel_fixture_trains_with_bce_and_scores_macro_auc(in_tmp):
     assert scores["roc_auc"] > 0.75 and 0 <= scores["f1_macro"] <= 1
     # and the evaluate stage scores it per label
     evaluate.run(EvaluateParams(bootstrap=20, latency_runs=1), processed_dir=processed)
-    result = json.loads((in_tmp / "metrics/evaluate.json").read_text())
+    result = read_evaluation(
+        in_tmp / "metrics/evaluate.json", in_tmp / "plots/evaluate/detail.json"
+    )
     assert set(result["per_class"]) == set(CHEST14) and result["roc_auc"] > 0.75
 
 
@@ -197,11 +203,11 @@ def test_early_stopping_ends_after_patience_and_keeps_the_best_epoch(monkeypatch
     monkeypatch.setattr(
         train, "validate", lambda *a: {"loss": next(losses), "f1_macro": 0.5, "accuracy": 0.5}
     )
-    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    meta = model_meta(["a", "b"])
     params = TrainParams(epochs=8, batch_size=16, warmup_epochs=0, patience=2, monitor="val_loss")
     model = build_model(ModelParams(name="resnet10t"), 2, 1)
     data = separable_data(32)
-    _, history = train.fit(model, data, data, meta, params, NO_AUG, 0)
+    _, history = training.fit(model, data, data, meta, params, NO_AUG, 0)
     # lower val_loss is better: epoch 2 is best; epochs 3 and 4 do not beat it -> stop after 4
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     assert [bool(row.get("best")) for row in history] == [True, True, False, False]
@@ -328,11 +334,11 @@ def test_fingerprint_tracks_params_data_and_code(tmp_path):
 
 @pytest.mark.slow
 def test_compile_trains_and_keeps_plain_weight_names():
-    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    meta = model_meta(["a", "b"])
     params = TrainParams(epochs=1, batch_size=16, warmup_epochs=0, compile=True)
     torch.manual_seed(0)
     model = build_model(ModelParams(name="resnet10t"), 2, 1)
-    state, history = train.fit(
+    state, history = training.fit(
         model, separable_data(48), separable_data(24, 16, 1), meta, params, NO_AUG, 0
     )
     assert set(state) == set(build_model(ModelParams(name="resnet10t"), 2, 1).state_dict())
@@ -348,19 +354,19 @@ def test_pretrained_run_normalises_with_the_weights_statistics(in_tmp):
     train.run(model_params, params, NO_AUG, processed_dir=processed)
     _, meta = load_checkpoint(in_tmp / "models/model.pt")
     # ImageNet mean/std averaged over RGB for gray input, not the dataset's 0.3/0.3
-    assert meta["mean"] == [0.449] and meta["std"] == [0.226]
-    assert meta["weights_source"] == "w.pth"
+    assert meta.mean == [0.449] and meta.std == [0.226]
+    assert meta.weights_source == "w.pth"
 
 
 def test_loader_workers_do_not_change_the_trained_weights():
     """Augmentation has its own generator: prefetching workers draw nothing from it."""
-    meta = {"classes": ["a", "b"], "mean": [0.3], "std": [0.3]}
+    meta = model_meta(["a", "b"])
     aug = AugmentParams(rotation=10, crop_scale=0.8, brightness=0.2, contrast=0.2)
     weights = []
     for workers in (0, 2):
         torch.manual_seed(0)
         model = build_model(ModelParams(name="resnet10t"), 2, 1)
         params = TrainParams(epochs=1, batch_size=8, warmup_epochs=0, num_workers=workers)
-        train.fit(model, separable_data(64), separable_data(16, seed=1), meta, params, aug, 0)
+        training.fit(model, separable_data(64), separable_data(16, seed=1), meta, params, aug, 0)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -20,7 +20,8 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from stages.lib.models import iter_batches, normalize, to_tensor_batch
+from stages.lib.checkpoint import ModelMeta
+from stages.lib.inference import iter_batches, normalize, to_tensor_batch
 
 CAMS = {
     "gradcam": GradCAM,
@@ -76,7 +77,7 @@ def find_target_layer(
 def compute_cams(
     model: nn.Module,
     images: np.ndarray,
-    meta: dict,
+    meta: ModelMeta,
     targets: np.ndarray,
     method: str,
     layer: nn.Module,
@@ -84,8 +85,7 @@ def compute_cams(
     device: torch.device,
 ) -> np.ndarray:
     """(N, S, S) float32 maps in [0, 1] (each scaled to its own maximum) for class `targets[i]`."""
-    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
+    mean, std = meta.normalization(device)
     out = []
     with CAMS[method](model=model, target_layers=[layer]) as cam:
         for start, chunk in zip(

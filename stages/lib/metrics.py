@@ -5,11 +5,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 from tqdm import tqdm
+
+from stages.lib.io import read_json
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
 MULTILABEL_KEYS = ("accuracy", "f1_macro", "f1_micro", "roc_auc")
@@ -322,3 +325,20 @@ def summarize_accuracy(
     else:
         correct = probs.argmax(axis=1) == y_true
     return {"accuracy": float(correct.mean())}
+
+
+# evaluate.json keeps the headline figures (what `dvc exp show` and `dvc metrics diff` list);
+# these keys go to plots/evaluate/detail.json: nested tables and [lo, hi] intervals that a
+# terminal table cannot sort. `read_evaluation` joins the two.
+DETAIL_KEYS = ("ci", "per_class", "per_group", "threshold", "tta", "latency_device")
+
+
+def split_evaluation(result: dict) -> tuple[dict, dict]:
+    """(headline, detail) halves of an evaluation result."""
+    headline = {k: v for k, v in result.items() if k not in DETAIL_KEYS}
+    return headline, {k: v for k, v in result.items() if k in DETAIL_KEYS}
+
+
+def read_evaluation(metrics_file: Path | str, detail_file: Path | str) -> dict:
+    """The whole evaluation result: metrics/evaluate.json plus its detail file."""
+    return {**read_json(metrics_file), **read_json(detail_file)}

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import statistics
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -13,16 +10,15 @@ from urllib.parse import urlparse
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import load_pretrained
 from torch import nn
 
 from stages.lib.catalog import block_names
-from stages.lib.io import atomic_path, check_model_matches_data, read_processed
+from stages.lib.checkpoint import CHECKPOINT_FORMAT, ModelMeta, save_torch
+from stages.lib.io import atomic_path
 from stages.lib.params import ModelParams
 
-CHECKPOINT_FORMAT = 1
 # timm name -> (pip package, module, function returning the weights file). The package's
 # state dict holds the same tensors as timm's model in the same order, under other names.
 WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
@@ -33,8 +29,6 @@ WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
     ),
 }
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-TTA_SHIFT = 1 / 32  # of the image side: 2 px at 64 px
-TTA_ZOOM = 1.06
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -241,151 +235,27 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type in ("cpu", "cuda") else torch.preserve_format
 
 
-def normalize(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> normalised float32."""
-    return (batch.float() / 255 - mean) / std
-
-
-def to_tensor_batch(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, C) uint8 array -> (B, C, H, W) uint8 tensor."""
-    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # copy: memmaps are read-only
-
-
-def save_checkpoint(path: Path | str, model: nn.Module, meta: dict[str, Any]) -> None:
+def save_checkpoint(path: Path | str, model: nn.Module, meta: ModelMeta) -> None:
     """Weights plus everything needed to use them alone (timm name, classes, preprocessing)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    blob = {"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta.to_dict()}
     with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, tmp)
+        save_torch(tmp, blob)
 
 
-def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def load_checkpoint(
+    path: Path | str, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, ModelMeta]:
     """Rebuild the model from `model.pt` (weights_only: no code runs on load)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model checkpoint not found (run `medpipe train`)")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    meta = blob["meta"]
+    meta = ModelMeta.from_dict(blob["meta"], str(path))
     model = timm.create_model(
-        meta["model_name"],
-        pretrained=False,
-        num_classes=len(meta["classes"]),
-        in_chans=meta["channels"],
+        meta.model_name, pretrained=False, num_classes=len(meta.classes), in_chans=meta.channels
     )
-    if meta.get("head_hidden"):
-        add_mlp_head(model, meta["head_hidden"], 0.0)
+    if meta.head_hidden:
+        add_mlp_head(model, meta.head_hidden, 0.0)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), meta
-
-
-def load_model_and_split(
-    model_file: Path | str, processed_dir: Path | str, device: torch.device, split: str = "test"
-) -> tuple[nn.Module, dict, np.ndarray, Any]:
-    """The checkpoint and one processed split it can be scored on (same classes and task):
-    model, its meta, the memory-mapped images and the index frame."""
-    model, meta = load_checkpoint(model_file, device)
-    images, frame, data_meta = read_processed(processed_dir, split)
-    check_model_matches_data(meta, data_meta, processed_dir)
-    return model, meta, images, frame
-
-
-def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(images), batch_size):
-        yield images[start : start + batch_size]
-
-
-def to_probabilities(logits: torch.Tensor, meta: dict) -> torch.Tensor:
-    """Softmax over classes, or independent sigmoids for multi-label tasks."""
-    logits = logits.float()
-    return logits.sigmoid() if meta.get("task") == "multilabel" else logits.softmax(dim=1)
-
-
-def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """Identity, four small shifts (edge pixels repeated) and a slight zoom of (B, C, H, W).
-
-    No flips: a chest radiograph mirrored is not the same anatomy (heart, side markers).
-    """
-    h, w = x.shape[-2:]
-    d = max(1, round(TTA_SHIFT * min(h, w)))
-    padded = F.pad(x, (d, d, d, d), mode="replicate")
-    views = [x]
-    for dy, dx in ((0, -d), (0, d), (-d, 0), (d, 0)):
-        views.append(padded[..., d + dy : d + dy + h, d + dx : d + dx + w])
-    ch, cw = round(h / TTA_ZOOM), round(w / TTA_ZOOM)
-    top, left = (h - ch) // 2, (w - cw) // 2
-    crop = x[..., top : top + ch, left : left + cw]
-    views.append(F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
-    return views
-
-
-@torch.inference_mode()
-def predict(
-    model: nn.Module,
-    images: np.ndarray,
-    meta: dict,
-    batch_size: int,
-    device: torch.device,
-    features: bool = False,
-    tta: bool = False,
-) -> np.ndarray:
-    """Class probabilities (N, K) (softmax; sigmoid for multi-label), or penultimate features
-    (N, D) when `features`. `tta` averages the probabilities over `tta_views`."""
-    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    model.eval()
-    out = []
-    for chunk in iter_batches(images, batch_size):
-        x = normalize(to_tensor_batch(chunk).to(device), mean, std)
-        x = x.contiguous(memory_format=memory_format(device))
-        if features:
-            y = model.forward_head(model.forward_features(x), pre_logits=True)
-        elif tta:
-            y = torch.stack([to_probabilities(model(v), meta) for v in tta_views(x)]).mean(0)
-        else:
-            y = to_probabilities(model(x), meta)
-        out.append(y.float().cpu().numpy())
-    return np.concatenate(out)
-
-
-class Deployable(nn.Module):
-    """The model as shipped: float pixel values 0..255 (B, C, S, S) in, probabilities out.
-
-    Normalisation and the output activation are inside, so an exported graph needs only
-    `stages.images.prepare_image` in front of it.
-    """
-
-    def __init__(self, model: nn.Module, meta: dict) -> None:
-        super().__init__()
-        self.model = model
-        self.multilabel = meta.get("task") == "multilabel"
-        self.register_buffer("mean", torch.tensor(meta["mean"]).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(meta["std"]).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(normalize(x, self.mean, self.std)).float()
-        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.inference_mode()
-def measure_latency(
-    model: nn.Module, meta: dict, device: torch.device, runs: int = 50, warmup: int = 10
-) -> float:
-    """Median milliseconds of one batch-1 forward pass (normalisation + model + activation)
-    after `warmup` untimed runs, on `device`."""
-    size, channels = meta["input_size"], meta["channels"]
-    module = Deployable(model, meta).to(device).eval()
-    x = torch.rand(1, channels, size, size, device=device) * 255
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        module(x)
-    sync()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        module(x)
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)

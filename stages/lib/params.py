@@ -14,9 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.lib import catalog
+from stages.lib import catalog, paths
 
-PARAMS_FILE = Path("params.yaml")
 SYNTHETIC_CLASSES = ("normal", "bacterial", "viral")
 # Marks a key that says where or how fast, not what: changing it cannot change a result, so
 # no stage depends on it in dvc.yaml (tests/test_layout.py derives the deps from this mark).
@@ -500,7 +499,7 @@ def parse_params(raw: Any, origin: str = "params") -> Params:
         raise ParamsError(f"{origin}: invalid params:\n  " + "\n  ".join(lines)) from None
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Params:
+def load_params(path: Path | str = paths.PARAMS) -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
     if not path.is_file():

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from stages.lib.checkpoint import save_torch
 from stages.lib.io import atomic_path
 
 RESUME_FORMAT = 1
@@ -163,7 +164,7 @@ def fingerprint(params: dict[str, Any], data_files: list[Path], code_files: list
 def save_resume(path: Path, state: dict[str, Any]) -> None:
     """Write the resume checkpoint atomically (a kill mid-write keeps the previous one)."""
     with atomic_path(path) as tmp:
-        torch.save({"format": RESUME_FORMAT, **state}, tmp)
+        save_torch(tmp, {"format": RESUME_FORMAT, **state})
 
 
 def load_resume(path: Path, expected: str, remove_stale: bool = True) -> dict[str, Any] | None:

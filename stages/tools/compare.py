@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 import yaml
 
 from stages.lib.io import atomic_path
-from stages.report import Page, render
+from stages.lib.page import Page, render
 
 HISTORY_FILE = "plots/train/history.csv"
 MAIN_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")

@@ -15,10 +15,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from stages.lib.checkpoint import ModelMeta
 from stages.lib.images import prepare_image, read_image
+from stages.lib.inference import LoadedModel, load_model
 from stages.lib.io import atomic_path, safe_name, write_csv
-from stages.lib.models import load_checkpoint, predict, select_device
 from stages.lib.params import PreprocessParams
+from stages.lib.paths import MODEL
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
 SHOWN_ROWS = 20
@@ -63,11 +65,11 @@ def load_images(
     return (np.stack(images) if images else np.zeros(shape, np.uint8)), kept, rejected
 
 
-def prediction_table(refs: list[str], probs: np.ndarray, meta: dict) -> pd.DataFrame:
+def prediction_table(refs: list[str], probs: np.ndarray, meta: ModelMeta) -> pd.DataFrame:
     """path, predicted class (multi-label: `|`-joined labels >= 0.5), its probability, all
     class probabilities."""
-    names = np.array(meta["classes"])
-    if meta.get("task") == "multilabel":
+    names = np.array(meta.classes)
+    if meta.multilabel:
         predicted = ["|".join(names[row >= 0.5]) for row in probs]
     else:
         predicted = names[probs.argmax(axis=1)].tolist()
@@ -87,46 +89,47 @@ def format_table(table: pd.DataFrame, rows: int = SHOWN_ROWS) -> str:
 
 
 def write_cams(
-    cam_dir: Path, model, images: np.ndarray, refs: list[str], probs: np.ndarray, meta: dict, device
+    cam_dir: Path, model: LoadedModel, images: np.ndarray, refs: list[str], probs: np.ndarray
 ) -> None:
     """Grad-CAM overlay of the predicted (most likely) class per input, as PNGs in cam_dir."""
     from stages.lib.cam import compute_cams, find_target_layer, overlay
 
-    _, layer = find_target_layer(model, "auto", meta["input_size"])
+    meta = model.meta
+    _, layer = find_target_layer(model.net, "auto", meta.input_size)
     targets = probs.argmax(axis=1)
-    cams = compute_cams(model, images, meta, targets, "gradcam", layer, 32, device)
+    cams = compute_cams(model.net, images, meta, targets, "gradcam", layer, 32, model.device)
     cam_dir.mkdir(parents=True, exist_ok=True)
     for i, (ref, cam) in enumerate(zip(refs, cams, strict=True)):
         stem = safe_name(Path(ref.partition("#")[0]).stem + ref.partition("#")[2])
-        name = f"{i:04d}_{stem}_{safe_name(meta['classes'][targets[i]])}.png"
+        name = f"{i:04d}_{stem}_{safe_name(meta.classes[targets[i]])}.png"
         with atomic_path(cam_dir / name) as tmp:
             Image.fromarray(overlay(images[i], cam)).save(tmp, format="PNG")
 
 
 def run(
     paths: list[str],
-    model_file: Path = Path("models/model.pt"),
+    model_file: Path = MODEL,
     out_file: Path = Path("predictions.csv"),
     cam_dir: Path | None = None,
     batch_size: int = 64,
     tta: bool = False,
 ) -> str:
     start = time.perf_counter()
-    device = select_device("auto")
-    model, meta = load_checkpoint(model_file, device)
+    model = load_model(model_file)
+    meta = model.meta
     refs = collect_inputs(paths)
-    images, kept, rejected = load_images(refs, PreprocessParams(**meta["preprocess"]))
+    images, kept, rejected = load_images(refs, PreprocessParams(**meta.preprocess))
     skipped = "".join(f"skipped: {ref} ({reason})\n" for ref, reason in rejected)
     if not kept:
         raise ValueError(f"none of the {len(refs)} input(s) could be read:\n{skipped.rstrip()}")
-    probs = predict(model, images, meta, batch_size, device, tta=tta)
+    probs = model.predict(images, batch_size, tta=tta)
     table = prediction_table(kept, probs, meta)
     write_csv(out_file, table)
     if cam_dir is not None:
-        write_cams(Path(cam_dir), model, images, kept, probs, meta, device)
+        write_cams(Path(cam_dir), model, images, kept, probs)
     cams = f", CAM overlays in {cam_dir}" if cam_dir is not None else ""
     return (
         f"{format_table(table)}\n{skipped}"
         f"predict: {len(kept):,} image(s) -> {out_file}{cams}, {len(rejected)} skipped "
-        f"({meta['model_name']}, {meta['input_size']} px) in {time.perf_counter() - start:.1f} s"
+        f"({meta.model_name}, {meta.input_size} px) in {time.perf_counter() - start:.1f} s"
     )

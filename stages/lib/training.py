@@ -1,0 +1,348 @@
+"""The training loop: batches from memory-mapped arrays, augmentation on the device,
+validation, early stopping on the monitored metric, and a per-epoch resume checkpoint.
+Under torchrun every process trains on its shard (DistributedDataParallel); rank 0 alone
+validates."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from dvclive import Live
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from stages.lib import metrics, runtime
+from stages.lib.augment import BatchAugment
+from stages.lib.checkpoint import ModelMeta
+from stages.lib.inference import predict
+from stages.lib.io import read_processed, targets
+from stages.lib.models import head_names, memory_format, select_device, trainable_parameters
+from stages.lib.optim import LRSchedule, build_loss, build_optimizer, build_sampler
+from stages.lib.params import AugmentParams, TrainParams
+from stages.lib.runtime import DistInfo
+
+AUG_SEED = 7919  # offset of the augmentation generator's seed from train.seed
+
+
+PROGRESS_KEYS = ("history", "best", "best_state", "stale")  # Progress fields, in order
+
+
+POLICIES = {
+    "trivialaugment": v2.TrivialAugmentWide,
+    "randaugment": v2.RandAugment,
+    "autoaugment": v2.AutoAugment,
+}
+
+
+def build_transform(aug: AugmentParams) -> nn.Module | None:
+    """The per-image part of the augmentation, on (C, H, W) uint8 tensors in the loader: only
+    an automatic policy, which has no batched form. The rest runs on whole batches on the
+    training device (`augment.BatchAugment`)."""
+    return POLICIES[aug.policy]() if aug.policy != "none" else None
+
+
+def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """collate_fn for datasets that return whole batches (`__getitems__`)."""
+    return batch
+
+
+class ArrayDataset(Dataset):
+    """Items of a (N, H, W, C) uint8 array as (C, H, W) uint8 tensors with their target (a
+    class index, or a multi-hot float vector). The loader fetches a batch with one array
+    gather (`__getitems__`), not one Python call per image."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: nn.Module | None):
+        self.images, self.targets, self.transform = images, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.take(self.images, indices, axis=0)).permute(0, 3, 1, 2)
+        if self.transform is not None:
+            x = torch.stack([self.transform(img) for img in x])
+        return x, torch.from_numpy(np.take(self.targets, indices, axis=0))
+
+
+def set_trainable(model: nn.Module, head_only: bool, trainable_from: str | None = None) -> None:
+    """Train the classifier only (head_only), the blocks from `trainable_from` on, or all."""
+    head = head_names(model)
+    names = trainable_parameters(model, trainable_from)
+    for name, p in model.named_parameters():
+        p.requires_grad = name in head or (not head_only and name in names)
+
+
+def validate(
+    model: nn.Module,
+    images: np.ndarray,
+    y: np.ndarray,
+    meta: ModelMeta,
+    device: torch.device,
+    loss_fn,
+) -> dict[str, float]:
+    """Validation loss (weights as in training, no smoothing) and headline metrics."""
+    probs = predict(model, images, meta, 256, device)
+    p, target = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7), torch.tensor(y)
+    if y.ndim == 2:  # multi-label: per-label sigmoid probabilities
+        pos_weight = None if loss_fn.pos_weight is None else loss_fn.pos_weight.cpu()
+        logits = torch.log(p) - torch.log1p(-p)
+        loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)(logits, target)
+        return {"loss": float(loss), **metrics.summarize_multilabel(y, probs)}
+    weight = None if loss_fn.weight is None else loss_fn.weight.cpu()
+    loss = nn.NLLLoss(weight=weight)(torch.log(p), target)
+    return {"loss": float(loss), **metrics.summarize(y, probs)}
+
+
+def build_loader(
+    dataset: ArrayDataset,
+    params: TrainParams,
+    generator: torch.Generator,
+    info: DistInfo,
+    pin_memory: bool,
+) -> DataLoader:
+    """Shuffled (or class-balanced) batches; under torchrun each rank gets its own share."""
+    batch_size = params.batch_size // info.world  # train.batch_size is the global batch
+    if batch_size < 1 or len(dataset) // (batch_size * info.world) == 0:
+        raise ValueError(
+            f"train.batch_size {params.batch_size} does not fit {len(dataset)} training images "
+            f"on {info.world} process(es); lower it (or raise it to at least one per process)"
+        )
+    sampler = None
+    if params.sampler == "balanced":
+        sampler = build_sampler(dataset.targets, generator, len(dataset) // info.world)
+    elif info.world > 1:
+        sampler = DistributedSampler(
+            dataset, info.world, info.rank, shuffle=True, seed=params.seed, drop_last=True
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        generator=generator,
+        collate_fn=keep_batch,
+        num_workers=params.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # fresh workers seeded from `generator` each epoch: resumable
+    )
+
+
+def log_row(live: Live | None, row: dict, monitor: str) -> None:
+    """One DVCLive step: the losses and the monitored metric (the full row is in
+    history.csv; a short live summary keeps `dvc exp show` narrow while training runs)."""
+    if live is None:
+        return
+    for key in dict.fromkeys(("train_loss", "val_loss", monitor)):
+        live.log_metric(key.replace("val_", "val/").replace("train_", "train/"), row[key])
+    live.next_step()
+
+
+@dataclass
+class Batches:
+    """How a uint8 batch reaches the model: device, augmentation, normalisation, memory
+    layout, autocast."""
+
+    device: torch.device
+    mean: torch.Tensor  # (1, C, 1, 1)
+    std: torch.Tensor
+    amp: bool
+    augment: nn.Module | None = None
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return memory_format(self.device)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).float() / 255
+        if self.augment is not None:
+            x = self.augment(x)
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+@dataclass
+class Progress:
+    """History and best epoch so far: what a resumed run must get back."""
+
+    monitor: str
+    history: list[dict] = field(default_factory=list)
+    best: float = -np.inf
+    best_state: dict | None = None
+    stale: int = 0
+
+    def score(self, row: dict) -> float:
+        """The monitored metric, higher = better (NaN counts as worst)."""
+        value = row[self.monitor] if self.monitor != "val_loss" else -row[self.monitor]
+        return -np.inf if np.isnan(value) else value
+
+    def record(self, row: dict, model: nn.Module, keep_weights: bool) -> None:
+        self.history.append(row)
+        if self.best_state is None or self.score(row) > self.best:
+            self.best, self.stale, row["best"] = self.score(row), 0, True
+            self.best_state = copy.deepcopy(model.state_dict()) if keep_weights else {}
+        else:
+            self.stale += 1
+
+
+def train_epoch(
+    net: nn.Module,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    sched: LRSchedule,
+    loss_fn: nn.Module,
+    batches: Batches,
+    params: TrainParams,
+    epoch: int,
+    show: bool,
+) -> tuple[float, int, float]:
+    """One pass over the loader; returns mean loss, images seen and seconds taken."""
+    start, total, seen = time.perf_counter(), 0.0, 0
+    step0 = (epoch - 1) * len(loader)
+    desc = f"epoch {epoch}/{params.epochs}"
+    bar = tqdm(loader, desc=desc, leave=False, mininterval=1, disable=not show)
+    for step, (x, y) in enumerate(bar, start=1):
+        x, y = batches.prepare(x), y.to(batches.device, non_blocking=True)
+        with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=batches.amp):
+            loss = loss_fn(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if params.grad_clip:
+            nn.utils.clip_grad_norm_(net.parameters(), params.grad_clip)
+        opt.step()
+        sched.step_update(step0 + step)
+        total, seen = total + loss.item() * len(y), seen + len(y)
+        bar.set_postfix(loss=f"{total / seen:.3f}")
+    return total / seen, seen, time.perf_counter() - start
+
+
+def wrap_model(
+    model: nn.Module, params: TrainParams, info: DistInfo, device: torch.device
+) -> nn.Module:
+    """The module the training step calls: DDP under torchrun, compiled when asked."""
+    net = model
+    if info.world > 1:  # wrap after requires_grad is set: DDP syncs only trainable params
+        net = DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    return torch.compile(net) if params.compile else net
+
+
+def restore(
+    state: dict,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: LRSchedule,
+    generators: tuple[torch.Generator, ...],
+    info: DistInfo,
+) -> Progress:
+    """Load a resume checkpoint into the training objects; return the progress it holds."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["schedule"])
+    runtime.set_rng_state(state["rng"][info.rank], *generators)
+    return Progress(sched.params.monitor, *(state[k] for k in PROGRESS_KEYS))
+
+
+def fit(
+    model: nn.Module,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    meta: ModelMeta,
+    params: TrainParams,
+    aug: AugmentParams,
+    freeze_epochs: int,
+    live: Live | None = None,
+    *,
+    trainable_from: str | None = None,
+    resume_file: Path | None = None,
+    run_id: str = "",
+    info: DistInfo = DistInfo(),
+) -> tuple[dict, list[dict]]:
+    """Train with early stopping; return the best state dict and the per-epoch history.
+
+    With `resume_file`, the state after every epoch is saved there and a matching
+    unfinished checkpoint (same `run_id`) is continued instead of starting over.
+    """
+    device = runtime.init_distributed(info, select_device(params.device))
+    mean, std = meta.normalization(device)
+    generator = torch.Generator().manual_seed(params.seed + info.rank)  # order, workers
+    # augmentation draws from its own stream: the same whatever num_workers prefetches
+    augment = BatchAugment(aug, torch.Generator().manual_seed(params.seed + info.rank + AUG_SEED))
+    generators = (generator, augment.generator)
+    batches = Batches(device, mean, std, params.amp and device.type == "cuda", augment)
+    model.to(device, memory_format=batches.memory_format)
+    dataset = ArrayDataset(train[0], train[1], build_transform(aug))
+    loader = build_loader(dataset, params, generator, info, device.type == "cuda")
+    loss_fn = build_loss(params, train[1], len(meta.classes)).to(device)
+    scale = params.unfreeze_lr_factor if freeze_epochs else 1.0
+    opt = build_optimizer(model, params, head_names(model), body_lr_scale=scale)
+    sched = LRSchedule(opt, params, len(loader))
+    progress, start = Progress(params.monitor), 1
+    state = runtime.load_resume(resume_file, run_id, info.is_main) if resume_file else None
+    if state is not None:
+        progress, start = restore(state, model, opt, sched, generators, info), state["epoch"] + 1
+        for row in progress.history:
+            log_row(live, row, params.monitor)
+        if info.is_main:
+            tqdm.write(f"resuming from {resume_file} after epoch {start - 1}")
+    phase = None
+    for epoch in range(start, params.epochs + 1):
+        if phase != (epoch <= freeze_epochs):
+            phase = epoch <= freeze_epochs
+            set_trainable(model, phase, trainable_from)
+            net = wrap_model(model, params, info, device)
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        loss, seen, seconds = train_epoch(
+            net, loader, opt, sched, loss_fn, batches, params, epoch, info.is_main
+        )
+        row = None
+        if info.is_main:  # rank 0 validates; every rank gets the same row
+            scores = validate(model, val[0], val[1], meta, device, loss_fn)
+            row = {
+                "epoch": epoch,
+                "train_loss": loss,
+                "lr": opt.param_groups[-1]["lr"],  # the head's group: lr_scale 1
+                "images_per_second": seen * info.world / seconds,
+                "epoch_seconds": seconds,
+                **{f"val_{k}": v for k, v in scores.items()},
+            }
+        row = runtime.broadcast(row, info)
+        log_row(live, row, params.monitor)
+        progress.record(row, model, keep_weights=info.is_main)
+        sched.step_epoch(progress.score(row))
+        finished = progress.stale >= params.patience or epoch == params.epochs
+        rng = runtime.gather(runtime.rng_state(*generators), info)
+        if resume_file and info.is_main and not finished:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng}
+            state |= {k: getattr(progress, k) for k in PROGRESS_KEYS}
+            state |= {"schedule": sched.state_dict(), "fingerprint": run_id, "epoch": epoch}
+            runtime.save_resume(resume_file, {**state, "finished": False})
+        if info.is_main:
+            tqdm.write(
+                f"epoch {epoch}: train_loss {loss:.3f}  val_loss {row['val_loss']:.3f}  "
+                f"{params.monitor} {row[params.monitor]:.3f}  "
+                f"{row['images_per_second']:.0f} img/s"
+            )
+        if finished:
+            break
+    if resume_file and info.is_main:  # a small marker: DVC expects the output to exist
+        runtime.save_resume(resume_file, {"fingerprint": run_id, "finished": True})
+    return progress.best_state, progress.history
+
+
+def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Images (N, S, S, C) in memory, targets (class indices or multi-hot rows) and meta."""
+    images, frame, meta = read_processed(processed_dir, split)
+    return np.asarray(images), targets(frame, meta), meta
