@@ -201,7 +201,7 @@ def test_multilabel_fixture_trains_with_bce_and_scores_macro_auc(in_tmp):
 def test_early_stopping_ends_after_patience_and_keeps_the_best_epoch(monkeypatch):
     losses = iter([0.5, 0.3, 0.4, 0.35, 0.2, 0.1, 0.1, 0.1])  # scripted validation losses
     monkeypatch.setattr(
-        train, "validate", lambda *a: {"loss": next(losses), "f1_macro": 0.5, "accuracy": 0.5}
+        training, "validate", lambda *a: {"loss": next(losses), "f1_macro": 0.5, "accuracy": 0.5}
     )
     meta = model_meta(["a", "b"])
     params = TrainParams(epochs=8, batch_size=16, warmup_epochs=0, patience=2, monitor="val_loss")
