@@ -264,7 +264,7 @@ def run(
     headline, detail = metrics.split_evaluation(result)
     with atomic_dir(plots_dir) as tmp:
         write_plots(tmp, frame, y, probs, classes, params, multilabel, threshold)
-        write_json(tmp / paths.EVALUATE_DETAIL.name, detail)
+    write_json(paths.detail_file(metrics_file), detail)
     write_json(metrics_file, headline)
     ci = result.get("ci", {}).get("accuracy")
     ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""

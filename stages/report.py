@@ -366,7 +366,7 @@ def run(
     start = time.perf_counter()
     card = read_json(paths.DATASET_CARD)
     classes = card["classes"]
-    result = read_evaluation(paths.EVALUATE_METRICS, paths.EVALUATE_DETAIL)
+    result = read_evaluation(paths.EVALUATE_METRICS)
     page = Page()
     rejected = read_csv(rejected_file, required=("path", "reason"))
     data_section(page, card, read_json(paths.SPLIT_METRICS), rejected, rejected_file)

@@ -86,19 +86,55 @@ def test_repro_runs_every_stage_then_nothing(repo, env):
 
 
 def test_where_and_how_keys_rerun_nothing(repo, env):
-    """data.mirror / cache / retries say where and how to fetch, not what: nothing reruns but
-    the report, which prints the whole params.yaml."""
+    """data.mirror / cache / retries say where and how to fetch, not what: nothing reruns,
+    not even the report (it shows the keys results depend on, not these)."""
     original = (repo / "params.yaml").read_text()
     params = yaml.safe_load(original)
     params["data"].update(retries=7, cache=str(repo / "elsewhere"), mirror="http://127.0.0.1:9/")
     try:
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
-        assert ran(sh(repo, env, "dvc", "repro")) == {"report"}
+        assert ran(sh(repo, env, "dvc", "repro")) == set()
         params["data"]["synthetic"]["seed"] += 1  # what to fetch: download reruns
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
         assert "download" in sh(repo, env, "dvc", "status")
     finally:
         (repo / "params.yaml").write_text(original)
+
+
+def test_operational_keys_rerun_nothing(repo, env):
+    """Workers, batch sizes of scoring and timing runs do not change a result."""
+    out = sh(
+        repo,
+        env,
+        *("dvc", "exp", "run", "-S", "train.num_workers=2", "-S", "evaluate.batch_size=32"),
+        *("-S", "evaluate.latency_runs=3", "-S", "explain.batch_size=8"),
+    )
+    assert ran(out) == set()
+    sh(repo, env, "git", "checkout", "-q", "--", "params.yaml")
+
+
+def test_retraining_gives_the_same_model_bytes(repo, env):
+    """Same params, same machine: identical model.pt bytes, so nothing after train reruns but
+    the report (the training timings it shows differ)."""
+    before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]["outs"]
+    assert ran(sh(repo, env, "dvc", "repro", "-f", "train")) == {"train"}
+    after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]["outs"]
+    md5 = {o["path"]: o.get("md5") for o in before}
+    assert {o["path"]: o.get("md5") for o in after}["models/model.pt"] == md5["models/model.pt"]
+    assert ran(sh(repo, env, "dvc", "repro")) <= {"report"}
+    sh(repo, env, "git", "checkout", "-q", "--", "dvc.lock", "metrics", "plots", "dvclive")
+    sh(repo, env, "dvc", "checkout", "-q")
+
+
+def test_run_cache_restores_an_earlier_param_set(repo, env):
+    """Back to an earlier value: evaluate and the report come back from DVC's run-cache
+    (train cannot: its resume checkpoint is a persist output, which DVC never caches)."""
+    sh(repo, env, "dvc", "exp", "run", "-S", "evaluate.bootstrap=30")
+    out = sh(repo, env, "dvc", "exp", "run", "-S", "evaluate.bootstrap=50")
+    assert ran(out) == set()
+    restored = set(re.findall(r"Stage '([^']+)' is cached - skipping run", out))
+    assert restored == {"evaluate", "report"}
+    sh(repo, env, "git", "checkout", "-q", "--", "params.yaml")
 
 
 def test_lr_experiment_reruns_only_training_and_after(repo, env):

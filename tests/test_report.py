@@ -142,7 +142,8 @@ def write_inputs(root: Path, classes: list[str], seed: int = 0) -> None:
     }
     headline, detail = split_evaluation(result)
     (root / "metrics/evaluate.json").write_text(json.dumps(headline))
-    (root / "plots/evaluate/detail.json").write_text(json.dumps(detail))
+    (root / "metrics/detail").mkdir()
+    (root / "metrics/detail/evaluate.json").write_text(json.dumps(detail))
     export = {
         "onnx_latency_ms": 1.5,
         "torchscript_size_mb": 19.7,

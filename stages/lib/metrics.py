@@ -12,6 +12,7 @@ import pandas as pd
 from sklearn import metrics as skm
 from tqdm import tqdm
 
+from stages.lib import paths
 from stages.lib.io import read_json
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
@@ -328,8 +329,8 @@ def summarize_accuracy(
 
 
 # evaluate.json keeps the headline figures (what `dvc exp show` and `dvc metrics diff` list);
-# these keys go to plots/evaluate/detail.json: nested tables and [lo, hi] intervals that a
-# terminal table cannot sort. `read_evaluation` joins the two.
+# these keys go to its detail file (metrics/detail/evaluate.json): nested tables and [lo, hi]
+# intervals that a terminal table cannot sort. `read_evaluation` joins the two.
 DETAIL_KEYS = ("ci", "per_class", "per_group", "threshold", "tta", "latency_device")
 
 
@@ -339,6 +340,7 @@ def split_evaluation(result: dict) -> tuple[dict, dict]:
     return headline, {k: v for k, v in result.items() if k in DETAIL_KEYS}
 
 
-def read_evaluation(metrics_file: Path | str, detail_file: Path | str) -> dict:
+def read_evaluation(metrics_file: Path | str) -> dict:
     """The whole evaluation result: metrics/evaluate.json plus its detail file."""
-    return {**read_json(metrics_file), **read_json(detail_file)}
+    metrics_file = Path(metrics_file)
+    return {**read_json(metrics_file), **read_json(paths.detail_file(metrics_file))}

@@ -31,14 +31,24 @@ EXPORT_METRICS = METRICS / "export.json"
 EMBED_METRICS = METRICS / "embed.json"
 EXPLAIN_METRICS = METRICS / "explain.json"
 
+
+def detail_file(metrics_file: Path) -> Path:
+    """Where the detail of a metrics file goes (nested tables, [lo, hi] intervals): a
+    DVC-cached file that `dvc exp show` does not turn into columns."""
+    return metrics_file.parent / "detail" / metrics_file.name
+
+
+EVALUATE_DETAIL = detail_file(EVALUATE_METRICS)  # per-class/group tables, CIs, threshold
+
 PLOTS = Path("plots")
 PREPROCESS_PLOTS = PLOTS / "preprocess"
 SAMPLES = PREPROCESS_PLOTS / "samples.png"
 TRAIN_PLOTS = PLOTS / "train"
 HISTORY = TRAIN_PLOTS / "history.csv"
 LIVE = Path("dvclive")  # DVCLive's per-epoch log, written while training runs
+LIVE_METRICS = LIVE / "metrics.json"
+LIVE_PLOTS = LIVE / "plots"
 EVALUATE_PLOTS = PLOTS / "evaluate"
-EVALUATE_DETAIL = EVALUATE_PLOTS / "detail.json"  # per-class/group figures and CIs
 PREDICTIONS = EVALUATE_PLOTS / "predictions.csv"
 EMBED_PLOTS = PLOTS / "embed"
 EMBEDDING = EMBED_PLOTS / "embedding.csv"

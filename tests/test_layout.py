@@ -1,0 +1,149 @@
+"""The house rules: dvc.yaml's deps and params are derived from the code, paths have one home,
+the schema sits at the bottom, stage modules stay apart from the library."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.lib import paths, pipeline
+from tests.conftest import ROOT
+
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGE_NAMES = list(pipeline.STAGE_SECTIONS)
+
+
+def declared(stage: str, key: str) -> list[str]:
+    """A stage's entries under `key` (deps, params, outs, metrics, plots) as plain paths."""
+    entries = DVC_YAML["stages"][stage].get(key, [])
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def test_dvc_yaml_has_exactly_the_stages_the_code_knows():
+    assert list(DVC_YAML["stages"]) == STAGE_NAMES
+    for stage in STAGE_NAMES:
+        assert DVC_YAML["stages"][stage]["cmd"] == f"medpipe {stage}"
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_code_deps_are_the_modules_the_stage_imports(stage):
+    """Each stage depends on its module and every project module it imports (deferred
+    imports included), and on no other code: a change anywhere it runs reruns it."""
+    derived = {str(f) for f in pipeline.code_files(pipeline.stage_module(stage))}
+    code = {d for d in declared(stage, "deps") if d.startswith("stages/")}
+    assert derived - code == set(), f"dvc.yaml {stage} lacks {sorted(derived - code)}"
+    assert code - derived == set(), f"dvc.yaml {stage} lists unused {sorted(code - derived)}"
+
+
+def test_derivation_follows_deferred_and_from_package_imports(tmp_path):
+    files = {str(f) for f in pipeline.code_files("stages.embed")}
+    assert "stages/lib/splitting.py" in files  # `from stages.lib.splitting import rarest_label`
+    assert "stages/split.py" not in files  # a stage never imports another stage
+    assert "stages/lib/cam.py" in {str(f) for f in pipeline.code_files("stages.tools.predict")}
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_params_are_the_result_keys_of_the_stage_sections(stage):
+    assert declared(stage, "params") == pipeline.stage_params(stage)
+
+
+def test_operational_keys_are_no_stage_params():
+    everything = {k for s in STAGE_NAMES for k in declared(s, "params")}
+    for key in (
+        "train.num_workers",
+        "evaluate.batch_size",
+        "evaluate.latency_runs",
+        "explain.batch_size",
+        "data.retries",
+        "data.mirror",
+        "data.cache",
+    ):
+        assert key not in everything, key
+    assert {"train.lr", "train.seed", "evaluate.bootstrap", "model"} <= everything
+
+
+def test_report_depends_on_every_result_key():
+    keys = set(declared("report", "params"))
+    for stage in STAGE_NAMES[:-1]:
+        assert set(declared(stage, "params")) <= keys, stage
+
+
+def test_train_fingerprint_hashes_the_declared_code(monkeypatch, tmp_path):
+    """The resume fingerprint reads the same list as dvc.yaml's train deps."""
+    from stages import train
+    from stages.lib import runtime
+
+    seen = {}
+
+    def spy(params, data_files, code_files):
+        seen["code"] = {str(Path(f).relative_to(pipeline.ROOT)) for f in code_files}
+        raise SystemExit(0)  # stop before any training
+
+    monkeypatch.setattr(runtime, "fingerprint", spy)
+    from tests.test_train import write_processed
+
+    processed = write_processed(tmp_path, ["a", "b"])
+    from stages.lib.params import AugmentParams, ModelParams, TrainParams
+
+    with pytest.raises(SystemExit):
+        train.run(ModelParams(name="resnet10t"), TrainParams(), AugmentParams(), processed)
+    code = {d for d in declared("train", "deps") if d.startswith("stages/")}
+    assert seen["code"] == code
+
+
+def test_schema_imports_no_stage_module():
+    probe = (
+        "import sys, stages.lib.params, stages.lib.pipeline\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('stages'))))"
+    )
+    loaded = set(subprocess.check_output([sys.executable, "-c", probe], text=True).split())
+    stage_modules = {pipeline.stage_module(s) for s in STAGE_NAMES} | {"stages.cli"}
+    assert loaded & stage_modules == set()
+    assert not any(m.startswith("stages.tools") for m in loaded)
+    assert (
+        "torch"
+        not in subprocess.check_output(
+            [sys.executable, "-c", "import sys, stages.lib.params; print(' '.join(sys.modules))"],
+            text=True,
+        ).split()
+    )  # validating params stays light
+
+
+def test_library_imports_no_stage_module():
+    for path in (ROOT / "stages/lib").glob("*.py"):
+        module = f"stages.lib.{path.stem}"
+        stages = {pipeline.stage_module(s) for s in STAGE_NAMES}
+        assert pipeline.direct_imports(module) & stages == set(), module
+
+
+def test_every_pipeline_path_is_defined_once():
+    sources = {p: p.read_text() for p in (ROOT / "stages").rglob("*.py")}
+    for literal in ('"data/processed"', '"models/model.pt"', '"data/raw"', '"data/split"'):
+        hits = [p for p, text in sources.items() if literal in text]
+        assert [p.name for p in hits] == ["paths.py"], literal
+    inline = [
+        f"{p.relative_to(ROOT)}:{m.group(0)}"
+        for p, text in sources.items()
+        if p.name != "paths.py"
+        for m in re.finditer(r'Path\("(data|models|metrics|plots|reports)/[^"]*"\)', text)
+    ]
+    assert inline == []
+
+
+def test_dvc_yaml_outputs_are_the_paths_module():
+    known = {str(v) for v in vars(paths).values() if isinstance(v, Path)}
+    for stage in STAGE_NAMES:
+        for key in ("outs", "metrics", "plots"):
+            for out in declared(stage, key):
+                assert out in known, f"{stage} {key}: {out} is not defined in stages/lib/paths.py"
+
+
+def test_stage_modules_stay_thin():
+    for stage in STAGE_NAMES:
+        lines = (ROOT / "stages" / f"{stage}.py").read_text().count("\n")
+        assert lines < 420, f"stages/{stage}.py has {lines} lines: move logic to stages/lib"
