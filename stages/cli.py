@@ -196,6 +196,33 @@ def pr_summary(
         raise typer.Exit(1)
 
 
+@app.command("dvc-yaml")
+def dvc_yaml(
+    check: bool = typer.Option(False, "--check", help="Only report drift (exit 1), write nothing."),
+    path: Path = typer.Option(Path("dvc.yaml"), help="The pipeline file."),
+) -> None:
+    """Rewrite dvc.yaml's code deps and params keys from the code (after adding a module or
+    a param); --check reports drift instead."""
+    import difflib
+
+    from stages.lib import pipeline
+    from stages.lib.io import atomic_path
+
+    text = path.read_text()
+    synced = pipeline.sync_dvc_yaml(text)
+    if synced == text:
+        typer.echo(f"dvc-yaml: {path} matches the code")
+        return
+    diff = difflib.unified_diff(text.splitlines(True), synced.splitlines(True), str(path), "code")
+    typer.echo("".join(diff), nl=False)
+    if check:
+        typer.echo(f"error: {path} drifted from the code; run `medpipe dvc-yaml`", err=True)
+        raise typer.Exit(1)
+    with atomic_path(path) as tmp:
+        tmp.write_text(synced)
+    typer.echo(f"dvc-yaml: {path} updated")
+
+
 @app.command("params")
 def show_params(params_file: Path = ParamsOption) -> None:
     """Validate params.yaml and list every key with its default and meaning."""

@@ -25,11 +25,24 @@ from stages.lib.io import (
     atomic_dir,
     safe_name,
     write_csv,
-    write_json,
+    write_result,
 )
 from stages.lib.params import EvaluateParams
 
 GROUP_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
+# metrics/evaluate.json; the rest (precision/recall, Brier, CIs, per class and group,
+# threshold, deployment figures) goes to metrics/detail/evaluate.json
+HEADLINE = (
+    "n_test",
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "kappa",
+    "roc_auc",
+    "ece",
+    "f1_micro",
+    "hamming_loss",
+)
 
 
 def _rounded(values: dict) -> dict:
@@ -261,11 +274,9 @@ def run(
             y, probs, frame["group"].astype(str), multilabel, params.bootstrap, params.seed
         )
     result.update(deployment_figures(model, model_file, params.latency_runs))
-    headline, detail = metrics.split_evaluation(result)
     with atomic_dir(plots_dir) as tmp:
         write_plots(tmp, frame, y, probs, classes, params, multilabel, threshold)
-    write_json(paths.detail_file(metrics_file), detail)
-    write_json(metrics_file, headline)
+    write_result(metrics_file, result, HEADLINE)
     ci = result.get("ci", {}).get("accuracy")
     ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     kappa = "" if multilabel else f"kappa {result['kappa']:.3f}, "

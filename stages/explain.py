@@ -24,10 +24,12 @@ from stages.lib.io import (
     atomic_dir,
     safe_name,
     write_csv,
-    write_json,
+    write_result,
 )
 from stages.lib.params import ExplainParams
 
+# metrics/explain.json; per-class scores, CAM energy and empty CAMs go to the detail file
+HEADLINE = ("method", "target_layer", "n_test", "n_abnormal", "pointing_game", "pointing_chance")
 CELL_NAMES = {
     "TP": "true positive",
     "FN": "false negative",
@@ -194,7 +196,7 @@ def run(
             if len(table):
                 write_csv(tmp / "pointing.csv", table.round(4))
         del masks  # close the memory map
-    write_json(metrics_file, result)
+    write_result(metrics_file, result, HEADLINE)
     pointing = (
         f", pointing game {result['pointing_game']:.3f} (chance {result['pointing_chance']:.3f}) "
         f"on {result['n_abnormal']:,} lesions"

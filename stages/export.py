@@ -24,9 +24,11 @@ import torch
 from stages.lib import paths
 from stages.lib.checkpoint import ModelMeta
 from stages.lib.inference import Deployable, load_model, read_split
-from stages.lib.io import atomic_path, write_json
+from stages.lib.io import atomic_path, write_result
 from stages.lib.params import ExportParams
 
+# metrics/export.json; the checks' differences and the latency go to metrics/detail/export.json
+HEADLINE = ("n_checked", "opset", "torchscript_size_mb", "onnx_size_mb")
 META_KEYS = ("model_name", "classes", "task", "channels", "input_size", "mean", "std", "preprocess")
 
 
@@ -141,7 +143,7 @@ def run(
         "onnx_size_mb": sizes["onnx"],
         "onnx_latency_ms": round(onnx_latency(session, pixels.numpy()), 3),
     }
-    write_json(metrics_file, summary)
+    write_result(metrics_file, summary, HEADLINE)
     return (
         f"export: {torchscript_file} ({summary['torchscript_size_mb']} MB), {onnx_file} "
         f"({summary['onnx_size_mb']} MB); max |diff| to PyTorch on {len(check)} test images: "

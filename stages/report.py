@@ -18,15 +18,13 @@ import plotly.graph_objects as go
 import yaml
 
 from stages.lib import paths
-from stages.lib.io import atomic_path, read_csv, read_json, safe_name
-from stages.lib.metrics import read_evaluation
+from stages.lib.figures import confusion_figures, curve_figures, headline_table, metric_table
+from stages.lib.io import atomic_path, read_csv, read_json, read_result, safe_name
 from stages.lib.page import (
     Page,
-    class_curves,
     environment,
     git_commit,
     image_tag,
-    interval,
     render,
     table,
 )
@@ -96,25 +94,6 @@ def data_section(
     page.add(rejected_block(rejected, rejected_file))
 
 
-def metric_table(rows: dict[str, dict], first: str) -> pd.DataFrame:
-    """One row per entry of `rows` ({name: {metric: value, ..., "ci": {metric: [lo, hi]}}}),
-    each metric that has an interval followed by its "95% CI" column."""
-    records = []
-    for name, values in rows.items():
-        ci = values.get("ci", {})
-        record: dict = {first: name}
-        for key, value in values.items():
-            if key == "ci":
-                continue
-            record[key] = value
-            if key in ci:
-                record[f"{key} 95% CI"] = interval(ci[key])
-        records.append(record)
-    frame = pd.DataFrame(records)
-    ci_columns = [c for c in frame.columns if c.endswith(" 95% CI")]
-    return frame.fillna({c: "" for c in ci_columns})  # a metric without an interval
-
-
 def training_section(page: Page, history: pd.DataFrame, train: dict) -> None:
     page.section("training", "Training")
     page.add(
@@ -131,73 +110,6 @@ def training_section(page: Page, history: pd.DataFrame, train: dict) -> None:
         scores.add_scatter(x=history["epoch"], y=history[col], name=col, mode="lines+markers")
     scores.update_layout(title="Validation metrics", xaxis_title="epoch", height=340)
     page.pair((loss, "loss-curve"), (scores, "val-curve"))
-
-
-HEADLINE = (
-    "accuracy",
-    "balanced_accuracy",
-    "f1_macro",
-    "f1_micro",
-    "precision_macro",
-    "recall_macro",
-    "kappa",
-    "roc_auc",
-    "hamming_loss",
-)
-
-
-def headline_table(result: dict) -> pd.DataFrame:
-    """One row per headline metric: value and its 95% interval."""
-    ci = result.get("ci", {})
-    rows = [(k, result[k], *(ci.get(k) or ("", ""))) for k in HEADLINE if k in result]
-    return pd.DataFrame(rows, columns=["metric", "value", "CI low", "CI high"])
-
-
-def confusion_figures(confusion: pd.DataFrame, classes: list[str]) -> tuple[go.Figure, go.Figure]:
-    """The confusion matrix as counts and as the share of each actual class."""
-    seen = set(confusion["actual"]) | set(confusion["predicted"])
-    order = [*classes, *sorted(seen - set(classes))]  # multi-label adds "no <label>"
-    counts = pd.crosstab(confusion["actual"], confusion["predicted"]).reindex(
-        index=order, columns=order, fill_value=0
-    )
-    shares = counts.div(counts.sum(axis=1).replace(0, 1), axis=0).round(3)
-    style = {"x": order, "y": order, "text_auto": True, "color_continuous_scale": "Blues"}
-    style["labels"] = {"x": "predicted", "y": "actual"}
-    heat = px.imshow(counts.to_numpy(), **style)
-    heat.update_layout(title="Confusion matrix", height=380)
-    norm = px.imshow(shares.to_numpy(), zmin=0, zmax=1, **style)
-    norm.update_layout(title="Confusion matrix, share of each actual class", height=380)
-    return heat, norm
-
-
-def curve_figures(
-    plots_dir: Path, classes: list[str], per_class: dict
-) -> tuple[go.Figure, go.Figure]:
-    """One-vs-rest ROC and precision-recall curves, one trace per class."""
-    roc = class_curves(
-        plots_dir / "roc", classes, "fpr", "tpr", lambda c: f"AUC {per_class[c]['roc_auc']:.3f}"
-    )
-    roc.add_scatter(x=[0, 1], y=[0, 1], name="chance", line={"dash": "dot", "color": "#999"})
-    roc.update_layout(
-        title="ROC (one vs rest)",
-        xaxis_title="false positive rate",
-        yaxis_title="true positive rate",
-        height=380,
-    )
-    pr = class_curves(
-        plots_dir / "pr",
-        classes,
-        "recall",
-        "precision",
-        lambda c: f"AP {per_class[c].get('average_precision', float('nan')):.3f}",
-    )
-    pr.update_layout(
-        title="Precision-recall (one vs rest)",
-        xaxis_title="recall",
-        yaxis_title="precision",
-        height=380,
-    )
-    return roc, pr
 
 
 def results_section(
@@ -366,7 +278,7 @@ def run(
     start = time.perf_counter()
     card = read_json(paths.DATASET_CARD)
     classes = card["classes"]
-    result = read_evaluation(paths.EVALUATE_METRICS)
+    result = read_result(paths.EVALUATE_METRICS)
     page = Page()
     rejected = read_csv(rejected_file, required=("path", "reason"))
     data_section(page, card, read_json(paths.SPLIT_METRICS), rejected, rejected_file)
@@ -378,16 +290,16 @@ def run(
         "Pairs of raw image | stored model input, a row per class.</p>"
     )
     page.add(image_tag(paths.SAMPLES, "samples before and after"))
-    training_section(page, read_csv(paths.HISTORY), read_json(paths.TRAIN_METRICS))
+    training_section(page, read_csv(paths.HISTORY), read_result(paths.TRAIN_METRICS))
     confusion = read_csv(paths.EVALUATE_PLOTS / "confusion.csv")
     results_section(page, result, confusion, classes, paths.EVALUATE_PLOTS)
     if "ece" in result:
         calibration_section(page, result, read_csv(paths.EVALUATE_PLOTS / "calibration.csv"))
-    export = read_json(paths.EXPORT_METRICS) if paths.EXPORT_METRICS.is_file() else None
+    export = read_result(paths.EXPORT_METRICS) if paths.EXPORT_METRICS.is_file() else None
     deployment_section(page, result, export)
     embedding_section(page, read_csv(paths.EMBEDDING), read_json(paths.EMBED_METRICS))
     if paths.EXPLAIN_METRICS.is_file():
-        explain = read_json(paths.EXPLAIN_METRICS)
+        explain = read_result(paths.EXPLAIN_METRICS)
         explain_section(page, explain, paths.EXPLAIN_PLOTS, classes)
     shown = yaml.safe_dump(result_params(params), sort_keys=False)
     page.section("params", "Parameters")

@@ -16,17 +16,19 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from dvclive import Live
 
+from dvclive import Live
 from stages.lib import paths, pipeline, runtime
 from stages.lib.checkpoint import ModelMeta
-from stages.lib.io import atomic_dir, write_csv, write_json
+from stages.lib.io import atomic_dir, write_csv, write_result
 from stages.lib.models import build_model, pretrained_norm, save_checkpoint, select_device
 from stages.lib.params import AugmentParams, ModelParams, TrainParams
 from stages.lib.runtime import DistInfo
 from stages.lib.training import fit, load_split
 
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
+# metrics/train.json; the timings (hardware figures) go to metrics/detail/train.json
+HEADLINE = ("best_epoch", "epochs_run", "device", "processes")
 
 
 def build_meta(
@@ -140,7 +142,7 @@ def run(
     model.load_state_dict(best_state)
     summary = summarize(history, params, info, time.perf_counter() - start)
     save_checkpoint(model_file, model, replace(meta, best_epoch=summary["best_epoch"]))
-    write_json(metrics_file, summary)
+    write_result(metrics_file, summary, (*HEADLINE, f"best_{params.monitor}"))
     best = summary[f"best_{params.monitor}"]
     return (
         f"train: {model_params.name}, {len(history)} epochs (best {summary['best_epoch']}, "

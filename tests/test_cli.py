@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.lib.images import read_image
-from stages.lib.metrics import read_evaluation
+from stages.lib.io import read_result
 from tests.conftest import write_params
 
 runner = CliRunner()
@@ -70,7 +70,7 @@ def test_train(project, monkeypatch):
     assert meta["classes"] == ["normal", "bacterial", "viral"]
     assert meta["model_name"] == "resnet10t" and meta["input_size"] == 32
     assert meta["preprocess"]["equalize"] == "clahe"
-    summary = json.loads((project / "metrics/train.json").read_text())
+    summary = read_result(project / "metrics/train.json")
     assert {
         "best_epoch",
         "epochs_run",
@@ -84,7 +84,7 @@ def test_train(project, monkeypatch):
 
 def test_evaluate(project, monkeypatch):
     invoke(project, "evaluate", monkeypatch)
-    result = read_evaluation(project / "metrics/evaluate.json")
+    result = read_result(project / "metrics/evaluate.json")
     for key in (
         "accuracy",
         "balanced_accuracy",
@@ -121,7 +121,7 @@ def test_evaluate(project, monkeypatch):
 def test_export(project, monkeypatch):
     line = invoke(project, "export", monkeypatch)
     assert "TorchScript" in line and "ONNX" in line
-    summary = json.loads((project / "metrics/export.json").read_text())
+    summary = read_result(project / "metrics/export.json")
     assert summary["torchscript_max_abs_diff"] <= 1e-4 and summary["onnx_max_abs_diff"] <= 1e-4
     assert (project / "models/model.ts").stat().st_size > 1e5
     assert (project / "models/model.onnx").stat().st_size > 1e5
@@ -137,7 +137,7 @@ def test_embed(project, monkeypatch):
 def test_explain(project, monkeypatch):
     line = invoke(project, "explain", monkeypatch)
     assert "gradcam on layer1" in line and "pointing game" in line  # 8 x 8 at 32 px
-    result = json.loads((project / "metrics/explain.json").read_text())
+    result = read_result(project / "metrics/explain.json")
     assert 0 <= result["pointing_game"] <= 1 and 0 < result["pointing_chance"] < 1
     assert result["n_abnormal"] > 0 and result["target_layer"] == "layer1"
     for name in ("normal", "bacterial", "viral"):

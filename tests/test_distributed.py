@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from stages.lib.io import read_result
 from tests.conftest import BIN, write_params
 from tests.test_train import write_processed
 
@@ -27,9 +27,9 @@ def project(root: Path, override: dict) -> Path:
 
 def check_outputs(root: Path, out: str) -> None:
     assert sorted(p.name for p in (root / "models").iterdir()) == ["last.pt", "model.pt"]
-    assert sorted(p.name for p in (root / "metrics").iterdir()) == ["train.json"]
+    assert sorted(p.name for p in (root / "metrics").iterdir()) == ["detail", "train.json"]
     assert sorted(p.name for p in (root / "plots").iterdir()) == ["train"]  # no stray temp dirs
-    summary = json.loads((root / "metrics/train.json").read_text())
+    summary = read_result(root / "metrics/train.json")
     assert summary["processes"] == 2 and summary["epochs_run"] == 2
     assert {"best_epoch", "best_val_f1_macro", "train_seconds", "images_per_second"} <= set(summary)
     history = pd.read_csv(root / "plots/train/history.csv")

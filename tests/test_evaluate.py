@@ -14,7 +14,7 @@ from torch import nn
 
 from stages import evaluate
 from stages.lib.inference import Deployable, LoadedModel, measure_latency, predict, tta_views
-from stages.lib.metrics import read_evaluation
+from stages.lib.io import read_result
 from stages.lib.params import EvaluateParams
 from tests.conftest import model_meta, tiny_processed
 
@@ -158,7 +158,7 @@ def test_run_binary_with_groups_writes_threshold_and_group_metrics(tmp_path):
     params = EvaluateParams(bootstrap=20, latency_runs=3)
     line = evaluate.run(params, processed, checkpoint, metrics_file, plots)
     assert "threshold" in line and "ms/image" in line
-    result = read_evaluation(metrics_file)
+    result = read_result(metrics_file)
     assert result["threshold"]["method"] == "youden"
     assert 0 <= result["threshold"]["value"] <= 1
     assert set(result["per_group"]) == {"hand", "wrist"}
@@ -180,7 +180,7 @@ def test_run_multilabel(tmp_path):
     evaluate.run(
         EvaluateParams(bootstrap=10, latency_runs=0), processed, checkpoint, metrics_file, plots
     )
-    result = read_evaluation(metrics_file)
+    result = read_result(metrics_file)
     assert {"f1_micro", "hamming_loss", "ece", "brier"} <= set(result)
     assert set(result["per_class"]) == set(classes) and "latency_ms" not in result
     table = pd.read_csv(plots / "predictions.csv", keep_default_na=False)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from stages import explain
+from stages.lib.io import read_result
 from stages.lib.params import ExplainParams
 from tests.conftest import tiny_processed
 
@@ -28,7 +27,7 @@ def test_run_without_masks_draws_galleries_and_skips_pointing_game(tmp_path):
     params = ExplainParams(method="gradcam++", n_images=2, target_layer="layer3")
     line = explain.run(params, processed, checkpoint, metrics_file, plots)
     assert line.startswith("explain: gradcam++ on layer3") and "pointing" not in line
-    result = json.loads(metrics_file.read_text())
+    result = read_result(metrics_file)
     assert result["target_layer"] == "layer3" and "pointing_game" not in result
     gallery = pd.read_csv(plots / "gallery.csv")
     assert set(gallery["class"]) <= set(classes)

@@ -13,6 +13,7 @@ import torch
 
 from stages import export
 from stages.lib.inference import predict
+from stages.lib.io import read_result
 from stages.lib.params import ExportParams
 from tests.conftest import tiny_processed
 
@@ -25,7 +26,7 @@ def test_exports_match_pytorch(tmp_path, task, n_classes):
     ts, onnx_file, metrics = tmp_path / "m.ts", tmp_path / "m.onnx", tmp_path / "export.json"
     line = export.run(ExportParams(check_images=8), processed, checkpoint, ts, onnx_file, metrics)
     assert line.startswith("export: ")
-    summary = json.loads(metrics.read_text())
+    summary = read_result(metrics)
     assert summary["n_checked"] == 8
     assert summary["torchscript_max_abs_diff"] <= 1e-4 and summary["onnx_max_abs_diff"] <= 1e-4
     assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob(".*.tmp"))  # one file

@@ -36,8 +36,18 @@ def test_code_deps_are_the_modules_the_stage_imports(stage):
     imports included), and on no other code: a change anywhere it runs reruns it."""
     derived = {str(f) for f in pipeline.code_files(pipeline.stage_module(stage))}
     code = {d for d in declared(stage, "deps") if d.startswith("stages/")}
-    assert derived - code == set(), f"dvc.yaml {stage} lacks {sorted(derived - code)}"
-    assert code - derived == set(), f"dvc.yaml {stage} lists unused {sorted(code - derived)}"
+    fix = "; `medpipe dvc-yaml` rewrites them"
+    assert derived - code == set(), f"dvc.yaml {stage} lacks {sorted(derived - code)}{fix}"
+    assert code - derived == set(), f"dvc.yaml {stage} lists unused {sorted(code - derived)}{fix}"
+
+
+def test_sync_restores_a_dropped_dep_and_keeps_the_rest():
+    text = (ROOT / "dvc.yaml").read_text()
+    assert pipeline.sync_dvc_yaml(text) == text  # dvc.yaml is what the code says
+    broken = text.replace("      - stages/lib/splitting.py\n", "", 1).replace(
+        "      - embed.seed\n", ""
+    )
+    assert broken != text and pipeline.sync_dvc_yaml(broken) == text
 
 
 def test_derivation_follows_deferred_and_from_package_imports(tmp_path):
@@ -64,7 +74,27 @@ def test_operational_keys_are_no_stage_params():
         "data.cache",
     ):
         assert key not in everything, key
-    assert {"train.lr", "train.seed", "evaluate.bootstrap", "model"} <= everything
+    assert {"train.lr", "train.seed", "evaluate.bootstrap", "model.name"} <= everything
+
+
+def test_no_param_hides_from_the_run_cache():
+    """DVC leaves keys named size/nfiles out of its run-cache key (treeverse/dvc#10296): such
+    a key may only be declared flat (`preprocess.size`), never inside a declared mapping."""
+    from stages.lib.params import Params
+
+    defaults = Params().model_dump()
+
+    def nested_keys(value) -> set[str]:
+        if not isinstance(value, dict):
+            return set()
+        return set(value) | {k for v in value.values() for k in nested_keys(v)}
+
+    for stage in STAGE_NAMES:
+        for key in declared(stage, "params"):
+            value = defaults
+            for part in key.split("."):
+                value = value[part]
+            assert not nested_keys(value) & {"size", "nfiles"}, f"{stage}: {key}"
 
 
 def test_report_depends_on_every_result_key():

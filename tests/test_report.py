@@ -15,9 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages import report
-from stages.lib.io import safe_name
-from stages.lib.metrics import split_evaluation
+from stages import evaluate, report
+from stages.lib.io import safe_name, write_result
 from stages.lib.params import parse_params
 from tests.conftest import TINY
 
@@ -140,10 +139,7 @@ def write_inputs(root: Path, classes: list[str], seed: int = 0) -> None:
         "latency_ms": 3.2,
         "latency_device": "cpu (4 threads)",
     }
-    headline, detail = split_evaluation(result)
-    (root / "metrics/evaluate.json").write_text(json.dumps(headline))
-    (root / "metrics/detail").mkdir()
-    (root / "metrics/detail/evaluate.json").write_text(json.dumps(detail))
+    write_result(root / "metrics/evaluate.json", result, evaluate.HEADLINE)
     export = {
         "onnx_latency_ms": 1.5,
         "torchscript_size_mb": 19.7,

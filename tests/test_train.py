@@ -1,4 +1,3 @@
-import json
 import signal
 import subprocess
 import time
@@ -12,8 +11,7 @@ import torch
 from stages import evaluate, train
 from stages.lib import metrics, runtime, training
 from stages.lib.inference import predict
-from stages.lib.io import LABEL_SEPARATOR, write_json
-from stages.lib.metrics import read_evaluation
+from stages.lib.io import LABEL_SEPARATOR, read_result, write_json
 from stages.lib.models import build_model, load_checkpoint
 from stages.lib.optim import class_weights
 from stages.lib.params import AugmentParams, EvaluateParams, ModelParams, TrainParams
@@ -192,7 +190,7 @@ def test_multilabel_fixture_trains_with_bce_and_scores_macro_auc(in_tmp):
     assert scores["roc_auc"] > 0.75 and 0 <= scores["f1_macro"] <= 1
     # and the evaluate stage scores it per label
     evaluate.run(EvaluateParams(bootstrap=20, latency_runs=1), processed_dir=processed)
-    result = read_evaluation(in_tmp / "metrics/evaluate.json")
+    result = read_result(in_tmp / "metrics/evaluate.json")
     assert set(result["per_class"]) == set(CHEST14) and result["roc_auc"] > 0.75
 
 
@@ -221,7 +219,7 @@ def test_summarize_multilabel_on_known_values():
 
 def deterministic_outputs(root: Path) -> tuple[dict, pd.DataFrame, dict]:
     """train.json and history without timings, and the weights: what must not vary."""
-    summary = json.loads((root / "metrics/train.json").read_text())
+    summary = read_result(root / "metrics/train.json")
     for key in train.TIMING_KEYS:
         summary.pop(key)
     history = pd.read_csv(root / "plots/train/history.csv")

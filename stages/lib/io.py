@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stages.lib import paths
+
 MANIFEST_COLUMNS = ("image", "label", "patient_id", "source_split")
 OPTIONAL_COLUMNS = ("group", "mask")
 SPLITS = ("train", "val", "test")
@@ -84,6 +86,24 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_result(metrics_file: Path | str, result: dict, headline: tuple[str, ...]) -> None:
+    """Split a stage's result: the `headline` keys into its metrics file (what `dvc exp show`
+    and `dvc metrics diff` list: a few sortable numbers), everything else (tables, [lo, hi]
+    intervals, timings, checks) into its detail file (`paths.detail_file`)."""
+    metrics_file = Path(metrics_file)
+    write_json(
+        paths.detail_file(metrics_file), {k: v for k, v in result.items() if k not in headline}
+    )
+    write_json(metrics_file, {k: v for k, v in result.items() if k in headline})
+
+
+def read_result(metrics_file: Path | str) -> dict:
+    """A stage's whole result: its metrics file joined with its detail file (if any)."""
+    metrics_file = Path(metrics_file)
+    detail = paths.detail_file(metrics_file)
+    return {**read_json(metrics_file), **(read_json(detail) if detail.is_file() else {})}
 
 
 def read_json(path: Path | str) -> Any:

@@ -5,15 +5,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 from tqdm import tqdm
-
-from stages.lib import paths
-from stages.lib.io import read_json
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
 MULTILABEL_KEYS = ("accuracy", "f1_macro", "f1_micro", "roc_auc")
@@ -326,21 +322,3 @@ def summarize_accuracy(
     else:
         correct = probs.argmax(axis=1) == y_true
     return {"accuracy": float(correct.mean())}
-
-
-# evaluate.json keeps the headline figures (what `dvc exp show` and `dvc metrics diff` list);
-# these keys go to its detail file (metrics/detail/evaluate.json): nested tables and [lo, hi]
-# intervals that a terminal table cannot sort. `read_evaluation` joins the two.
-DETAIL_KEYS = ("ci", "per_class", "per_group", "threshold", "tta", "latency_device")
-
-
-def split_evaluation(result: dict) -> tuple[dict, dict]:
-    """(headline, detail) halves of an evaluation result."""
-    headline = {k: v for k, v in result.items() if k not in DETAIL_KEYS}
-    return headline, {k: v for k, v in result.items() if k in DETAIL_KEYS}
-
-
-def read_evaluation(metrics_file: Path | str) -> dict:
-    """The whole evaluation result: metrics/evaluate.json plus its detail file."""
-    metrics_file = Path(metrics_file)
-    return {**read_json(metrics_file), **read_json(paths.detail_file(metrics_file))}

@@ -38,7 +38,10 @@ def detail_file(metrics_file: Path) -> Path:
     return metrics_file.parent / "detail" / metrics_file.name
 
 
+TRAIN_DETAIL = detail_file(TRAIN_METRICS)  # timings
 EVALUATE_DETAIL = detail_file(EVALUATE_METRICS)  # per-class/group tables, CIs, threshold
+EXPORT_DETAIL = detail_file(EXPORT_METRICS)  # differences to PyTorch, ONNX Runtime latency
+EXPLAIN_DETAIL = detail_file(EXPLAIN_METRICS)  # per-class pointing game, CAM energy
 
 PLOTS = Path("plots")
 PREPROCESS_PLOTS = PLOTS / "preprocess"

@@ -5,7 +5,7 @@
   the stage's code deps (tests/test_layout.py), and the train stage's resume fingerprint
   hashes the same list.
 - `result_keys(section)`: the params keys of a section that can change a result (all but
-  those marked operational in the schema), as dvc.yaml's `params:` lists them.
+  those marked operational in the schema), as dvc.yaml's `params:` lists them, key by key.
 """
 
 from __future__ import annotations
@@ -82,16 +82,62 @@ def stage_module(stage: str) -> str:
 
 
 def result_keys(section: str) -> list[str]:
-    """The keys of a params section that can change a result: the section's name alone when
-    none of its keys is operational, else each result key (`data.source`, ...)."""
+    """The keys of a params section that can change a result (`data.source`, ...): all but
+    those marked operational in the schema.
+
+    Always key by key, never the section's name alone: besides leaving operational keys out,
+    this keeps keys named `size` visible to DVC's run-cache. DVC drops every key named
+    `size` or `nfiles` from the run-cache key (file metadata to it, treeverse/dvc#10296), so
+    a section-level `preprocess` entry would let `preprocess.size=96` restore 64 px outputs;
+    the flat `preprocess.size` entry is hashed like any other.
+    """
     model = Params.model_fields[section].annotation
     fields = model.model_fields  # type: ignore[union-attr]
-    operational = {k for k, f in fields.items() if (f.json_schema_extra or {}).get("operational")}
-    if not operational:
-        return [section]
-    return [f"{section}.{k}" for k in fields if k not in operational]
+    return [
+        f"{section}.{k}"
+        for k, f in fields.items()
+        if not (f.json_schema_extra or {}).get("operational")
+    ]
 
 
 def stage_params(stage: str) -> list[str]:
     """dvc.yaml's `params:` entries for `stage`."""
     return [key for section in STAGE_SECTIONS[stage] for key in result_keys(section)]
+
+
+def sync_dvc_yaml(text: str) -> str:
+    """dvc.yaml `text` with each stage's code deps and params rewritten from the code.
+
+    Only the `stages/...` entries of `deps:` and the entries of `params:` change; data deps,
+    comments and everything else stay as written.
+    """
+    out: list[str] = []
+    stage = None
+    lines = text.splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        header = line.rstrip("\n")
+        if header.startswith("  ") and not header.startswith("   ") and header.endswith(":"):
+            name = header.strip()[:-1]
+            stage = name if name in STAGE_SECTIONS else None
+        block = header.strip().split(":")[0]
+        at_stage_key = header.startswith("    ") and not header.startswith("     ")
+        if stage and at_stage_key and block in ("deps", "params"):
+            out.append(line)
+            i += 1
+            kept = []
+            while i < len(lines) and lines[i].startswith("      "):
+                entry = lines[i].strip().removeprefix("- ")
+                if block == "deps" and not entry.startswith(f"{PACKAGE}/"):
+                    kept.append(lines[i])
+                i += 1
+            if block == "deps":
+                code = [f"      - {f.as_posix()}\n" for f in code_files(stage_module(stage))]
+                out.extend(code + kept)
+            else:
+                out.extend(f"      - {key}\n" for key in stage_params(stage))
+            continue
+        out.append(line)
+        i += 1
+    return "".join(out)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dvclive import Live
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from dvclive import Live
 from stages.lib import metrics, runtime
 from stages.lib.augment import BatchAugment
 from stages.lib.checkpoint import ModelMeta
@@ -141,8 +141,8 @@ def build_loader(
 
 
 def log_row(live: Live | None, row: dict, monitor: str) -> None:
-    """One DVCLive step: the losses and the monitored metric (the full row is in
-    history.csv; a short live summary keeps `dvc exp show` narrow while training runs)."""
+    """One DVCLive step: the losses and the monitored metric, the live view while training
+    runs (the full row is in history.csv; three columns keep `dvc exp show` narrow)."""
     if live is None:
         return
     for key in dict.fromkeys(("train_loss", "val_loss", monitor)):
