@@ -201,3 +201,26 @@ def test_stage_without_inputs_fails_clearly(tmp_path, monkeypatch):
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 1
     assert "models/model.pt: model checkpoint not found" in result.output
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"medpipe {version('medpipe')}"
+
+
+def test_dvc_yaml_check_and_write(tmp_path):
+    from tests.conftest import ROOT
+
+    good = (ROOT / "dvc.yaml").read_text()
+    path = tmp_path / "dvc.yaml"
+    path.write_text(good.replace("      - stages/lib/cam.py\n", "", 1))
+    drift = runner.invoke(app, ["dvc-yaml", "--check", "--path", str(path)])
+    assert drift.exit_code == 1 and "+      - stages/lib/cam.py" in drift.output
+    assert "run `medpipe dvc-yaml`" in drift.output
+    assert path.read_text() != good  # --check writes nothing
+    fixed = runner.invoke(app, ["dvc-yaml", "--path", str(path)])
+    assert fixed.exit_code == 0 and path.read_text() == good
+    same = runner.invoke(app, ["dvc-yaml", "--check", "--path", str(path)])
+    assert same.exit_code == 0 and "matches the code" in same.output
