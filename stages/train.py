@@ -1,8 +1,9 @@
 """train stage: fit a timm model on the processed arrays, keep the best epoch.
 
-Outputs: models/model.pt (weights + `ModelMeta`), metrics/train.json, plots/train/history.csv
-(one row per epoch), dvclive/ (losses and the monitored metric, written as each epoch ends:
-the live view) and models/last.pt, the per-epoch resume checkpoint (rerunning after a kill
+Outputs: models/model.pt (weights + `ModelMeta`), metrics/train.json (rewritten after every
+epoch: `dvc exp show` follows the run live), plots/train/history.csv
+(one row per epoch), dvclive/ (losses and the monitored metric for live plots) and
+models/last.pt, the per-epoch resume checkpoint (rerunning after a kill
 continues from the last finished epoch). The loop itself is `lib.training.fit`.
 """
 
@@ -77,6 +78,16 @@ def summarize(history: list[dict], params: TrainParams, info: DistInfo, seconds:
     }
 
 
+def write_summary(
+    metrics_file: Path, history: list[dict], params: TrainParams, info: DistInfo, start: float
+) -> dict:
+    """metrics/train.json (headline) and its detail (timings), rewritten after every epoch:
+    `dvc exp show` follows a run live; the last write is the run's summary."""
+    summary = summarize(history, params, info, time.perf_counter() - start)
+    write_result(metrics_file, summary, (*HEADLINE, f"best_{params.monitor}"))
+    return summary
+
+
 def set_threads(info: DistInfo) -> None:
     """Share the cores among the processes of this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -130,6 +141,7 @@ def run(
                 resume_file=resume_file,
                 run_id=run_id,
                 info=info,
+                on_epoch=lambda rows: write_summary(metrics_file, rows, params, info, start),
             )
             if tmp is not None:
                 live.end()
@@ -140,9 +152,8 @@ def run(
     if not info.is_main:
         return f"train: rank {info.rank} of {info.world} done"
     model.load_state_dict(best_state)
-    summary = summarize(history, params, info, time.perf_counter() - start)
+    summary = write_summary(metrics_file, history, params, info, start)
     save_checkpoint(model_file, model, replace(meta, best_epoch=summary["best_epoch"]))
-    write_result(metrics_file, summary, (*HEADLINE, f"best_{params.monitor}"))
     best = summary[f"best_{params.monitor}"]
     return (
         f"train: {model_params.name}, {len(history)} epochs (best {summary['best_epoch']}, "

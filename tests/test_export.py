@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -53,3 +55,28 @@ def test_exports_match_pytorch(tmp_path, task, n_classes):
     props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
     info = json.loads(props["medpipe"])
     assert info["classes"] == meta.classes and info["preprocess"]["size"] == 32
+
+
+def test_exports_and_checkpoints_are_byte_stable(tmp_path):
+    """Same content, same bytes: DVC sees an unchanged file and reruns nothing after it
+    (temporary file names must not leak into the archives). One process per run, as DVC
+    runs a stage: TorchScript numbers a class traced twice in one process."""
+    processed, checkpoint = tiny_processed(tmp_path, "multiclass", ["a", "b", "c"], n=8)
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from stages import export\n"
+        "from stages.lib.models import load_checkpoint, save_checkpoint\n"
+        "from stages.lib.params import ExportParams\n"
+        "out, processed, checkpoint = (Path(a) for a in sys.argv[1:])\n"
+        "save_checkpoint(out / 'model.pt', *load_checkpoint(checkpoint))\n"
+        "export.run(ExportParams(check_images=4), processed, out / 'model.pt',\n"
+        "           out / 'model.ts', out / 'model.onnx', out / 'export.json')\n"
+    )
+    runs = []
+    for run in ("one", "two"):
+        out = tmp_path / run
+        args = [sys.executable, "-c", script, str(out), str(processed), str(checkpoint)]
+        subprocess.run(args, check=True, capture_output=True, timeout=300)
+        runs.append([(out / n).read_bytes() for n in ("model.pt", "model.ts", "model.onnx")])
+    for name, first, second in zip(("pt", "ts", "onnx"), *runs, strict=True):
+        assert first == second, name

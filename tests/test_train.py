@@ -127,6 +127,39 @@ def test_fit_learns_a_separable_task_and_is_deterministic():
     assert set(state) == set(model.state_dict())
 
 
+def test_train_json_is_rewritten_after_every_epoch(tmp_path, monkeypatch):
+    """The live view: metrics/train.json holds the run so far after each epoch."""
+    processed = write_processed(tmp_path, ["a", "b"])
+    metrics_file = tmp_path / "metrics/train.json"
+    seen = []
+    real_fit = training.fit
+
+    def spying_fit(*args, on_epoch, **kwargs):
+        def spy(rows):
+            on_epoch(rows)
+            seen.append(read_result(metrics_file)["epochs_run"])
+
+        return real_fit(*args, on_epoch=spy, **kwargs)
+
+    monkeypatch.setattr(train, "fit", spying_fit)
+    params = TrainParams(epochs=3, batch_size=16, patience=3, warmup_epochs=0)
+    out = {k: tmp_path / k for k in ("model.pt", "plots", "last.pt", "dvclive")}
+    train.run(
+        ModelParams(name="resnet10t"),
+        params,
+        NO_AUG,
+        processed,
+        out["model.pt"],
+        metrics_file,
+        out["plots"],
+        out["last.pt"],
+        out["dvclive"],
+    )
+    assert seen == [1, 2, 3]
+    summary = read_result(metrics_file)
+    assert summary["epochs_run"] == 3 and summary["train_seconds"] > 0
+
+
 def test_freeze_then_unfreeze_moves_the_backbone_only_after_freeze_epochs():
     meta = model_meta(["a", "b"])
     snapshots = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,8 +142,8 @@ def build_loader(
 
 
 def log_row(live: Live | None, row: dict, monitor: str) -> None:
-    """One DVCLive step: the losses and the monitored metric, the live view while training
-    runs (the full row is in history.csv; three columns keep `dvc exp show` narrow)."""
+    """One DVCLive step: the losses and the monitored metric, for live plots while training
+    runs (the full row is in history.csv)."""
     if live is None:
         return
     for key in dict.fromkeys(("train_loss", "val_loss", monitor)):
@@ -253,6 +254,86 @@ def restore(
     return Progress(sched.params.monitor, *(state[k] for k in PROGRESS_KEYS))
 
 
+@dataclass
+class Trainer:
+    """What one training run threads through its epochs."""
+
+    model: nn.Module
+    device: torch.device
+    batches: Batches
+    loader: DataLoader
+    loss_fn: nn.Module
+    opt: torch.optim.Optimizer
+    sched: LRSchedule
+    generators: tuple[torch.Generator, ...]  # the loader's, the augmentation's
+
+
+def build_trainer(
+    model: nn.Module,
+    train: tuple[np.ndarray, np.ndarray],
+    meta: ModelMeta,
+    params: TrainParams,
+    aug: AugmentParams,
+    freeze_epochs: int,
+    info: DistInfo,
+) -> Trainer:
+    """Device, seeded generators, batches, loader, loss, optimiser and schedule."""
+    device = runtime.init_distributed(info, select_device(params.device))
+    mean, std = meta.normalization(device)
+    generator = torch.Generator().manual_seed(params.seed + info.rank)  # order, workers
+    # augmentation draws from its own stream: the same whatever num_workers prefetches
+    augment = BatchAugment(aug, torch.Generator().manual_seed(params.seed + info.rank + AUG_SEED))
+    batches = Batches(device, mean, std, params.amp and device.type == "cuda", augment)
+    model.to(device, memory_format=batches.memory_format)
+    dataset = ArrayDataset(train[0], train[1], build_transform(aug))
+    loader = build_loader(dataset, params, generator, info, device.type == "cuda")
+    loss_fn = build_loss(params, train[1], len(meta.classes)).to(device)
+    scale = params.unfreeze_lr_factor if freeze_epochs else 1.0
+    opt = build_optimizer(model, params, head_names(model), body_lr_scale=scale)
+    sched = LRSchedule(opt, params, len(loader))
+    generators = (generator, augment.generator)
+    return Trainer(model, device, batches, loader, loss_fn, opt, sched, generators)
+
+
+def run_epoch(
+    trainer: Trainer,
+    net: nn.Module,
+    val: tuple[np.ndarray, np.ndarray],
+    meta: ModelMeta,
+    params: TrainParams,
+    epoch: int,
+    info: DistInfo,
+) -> dict:
+    """Train one epoch, validate on rank 0; the history row, the same on every rank."""
+    if isinstance(trainer.loader.sampler, DistributedSampler):
+        trainer.loader.sampler.set_epoch(epoch)
+    trainer.model.train()
+    t = trainer
+    loss, seen, seconds = train_epoch(
+        net, t.loader, t.opt, t.sched, t.loss_fn, t.batches, params, epoch, info.is_main
+    )
+    row = None
+    if info.is_main:  # rank 0 validates; every rank gets the same row
+        scores = validate(t.model, val[0], val[1], meta, t.device, t.loss_fn)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "lr": t.opt.param_groups[-1]["lr"],  # the head's group: lr_scale 1
+            "images_per_second": seen * info.world / seconds,
+            "epoch_seconds": seconds,
+            **{f"val_{k}": v for k, v in scores.items()},
+        }
+    return runtime.broadcast(row, info)
+
+
+def resume_state(trainer: Trainer, progress: Progress, rng: list, run_id: str, epoch: int) -> dict:
+    """Everything a killed run needs to continue after `epoch`."""
+    state = {"model": trainer.model.state_dict(), "optimizer": trainer.opt.state_dict()}
+    state |= {k: getattr(progress, k) for k in PROGRESS_KEYS}
+    state |= {"schedule": trainer.sched.state_dict(), "rng": rng}
+    return state | {"fingerprint": run_id, "epoch": epoch, "finished": False}
+
+
 def fit(
     model: nn.Module,
     train: tuple[np.ndarray, np.ndarray],
@@ -267,72 +348,45 @@ def fit(
     resume_file: Path | None = None,
     run_id: str = "",
     info: DistInfo = DistInfo(),
+    on_epoch: Callable[[list[dict]], None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Train with early stopping; return the best state dict and the per-epoch history.
 
     With `resume_file`, the state after every epoch is saved there and a matching
     unfinished checkpoint (same `run_id`) is continued instead of starting over.
+    `on_epoch(history)` runs on rank 0 after every epoch (the live summary).
     """
-    device = runtime.init_distributed(info, select_device(params.device))
-    mean, std = meta.normalization(device)
-    generator = torch.Generator().manual_seed(params.seed + info.rank)  # order, workers
-    # augmentation draws from its own stream: the same whatever num_workers prefetches
-    augment = BatchAugment(aug, torch.Generator().manual_seed(params.seed + info.rank + AUG_SEED))
-    generators = (generator, augment.generator)
-    batches = Batches(device, mean, std, params.amp and device.type == "cuda", augment)
-    model.to(device, memory_format=batches.memory_format)
-    dataset = ArrayDataset(train[0], train[1], build_transform(aug))
-    loader = build_loader(dataset, params, generator, info, device.type == "cuda")
-    loss_fn = build_loss(params, train[1], len(meta.classes)).to(device)
-    scale = params.unfreeze_lr_factor if freeze_epochs else 1.0
-    opt = build_optimizer(model, params, head_names(model), body_lr_scale=scale)
-    sched = LRSchedule(opt, params, len(loader))
+    trainer = build_trainer(model, train, meta, params, aug, freeze_epochs, info)
     progress, start = Progress(params.monitor), 1
     state = runtime.load_resume(resume_file, run_id, info.is_main) if resume_file else None
     if state is not None:
-        progress, start = restore(state, model, opt, sched, generators, info), state["epoch"] + 1
+        t = trainer
+        progress = restore(state, model, t.opt, t.sched, t.generators, info)
+        start = state["epoch"] + 1
         for row in progress.history:
             log_row(live, row, params.monitor)
         if info.is_main:
             tqdm.write(f"resuming from {resume_file} after epoch {start - 1}")
     phase = None
     for epoch in range(start, params.epochs + 1):
-        if phase != (epoch <= freeze_epochs):
+        if phase != (epoch <= freeze_epochs):  # head only, then the trainable blocks
             phase = epoch <= freeze_epochs
             set_trainable(model, phase, trainable_from)
-            net = wrap_model(model, params, info, device)
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        model.train()
-        loss, seen, seconds = train_epoch(
-            net, loader, opt, sched, loss_fn, batches, params, epoch, info.is_main
-        )
-        row = None
-        if info.is_main:  # rank 0 validates; every rank gets the same row
-            scores = validate(model, val[0], val[1], meta, device, loss_fn)
-            row = {
-                "epoch": epoch,
-                "train_loss": loss,
-                "lr": opt.param_groups[-1]["lr"],  # the head's group: lr_scale 1
-                "images_per_second": seen * info.world / seconds,
-                "epoch_seconds": seconds,
-                **{f"val_{k}": v for k, v in scores.items()},
-            }
-        row = runtime.broadcast(row, info)
+            net = wrap_model(model, params, info, trainer.device)
+        row = run_epoch(trainer, net, val, meta, params, epoch, info)
         log_row(live, row, params.monitor)
         progress.record(row, model, keep_weights=info.is_main)
-        sched.step_epoch(progress.score(row))
+        trainer.sched.step_epoch(progress.score(row))
         finished = progress.stale >= params.patience or epoch == params.epochs
-        rng = runtime.gather(runtime.rng_state(*generators), info)
+        rng = runtime.gather(runtime.rng_state(*trainer.generators), info)
         if resume_file and info.is_main and not finished:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng}
-            state |= {k: getattr(progress, k) for k in PROGRESS_KEYS}
-            state |= {"schedule": sched.state_dict(), "fingerprint": run_id, "epoch": epoch}
-            runtime.save_resume(resume_file, {**state, "finished": False})
+            runtime.save_resume(resume_file, resume_state(trainer, progress, rng, run_id, epoch))
+        if info.is_main and on_epoch is not None:
+            on_epoch(progress.history)
         if info.is_main:
             tqdm.write(
-                f"epoch {epoch}: train_loss {loss:.3f}  val_loss {row['val_loss']:.3f}  "
-                f"{params.monitor} {row[params.monitor]:.3f}  "
+                f"epoch {epoch}: train_loss {row['train_loss']:.3f}  "
+                f"val_loss {row['val_loss']:.3f}  {params.monitor} {row[params.monitor]:.3f}  "
                 f"{row['images_per_second']:.0f} img/s"
             )
         if finished:
