@@ -292,6 +292,7 @@ def train_in_process(root: Path) -> None:
     train.run(
         p.model, p.train, p.augment, root / "data/processed", root / "models/model.pt",
         root / "metrics/train.json", root / "plots/train", root / "models/last.pt",
+        root / "dvclive",
     )  # fmt: skip
 
 
