@@ -6,6 +6,7 @@ written); then the stage's `run()` receives only its own section objects.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Callable
@@ -15,6 +16,8 @@ import typer
 
 from stages import __version__
 from stages.lib import paths
+from stages.lib.errors import MedpipeError, ToolFailed
+from stages.lib.locks import stage_lock
 from stages.lib.params import Params, ParamsError, describe_params, load_params
 
 app = typer.Typer(
@@ -49,11 +52,26 @@ def _params(path: Path) -> Params:
         raise typer.Exit(2) from None
 
 
-def _run(step: Callable[[], str]) -> None:
-    """Run a stage; input errors become one clear line and exit code 1, not a traceback."""
+def describe(exc: OSError) -> str:
+    """An OS error as `path: cause` (`[Errno 13] Permission denied: 'x'` reads worse)."""
+    if exc.filename is None or exc.strerror is None:
+        return str(exc)
+    target = f" -> {exc.filename2}" if exc.filename2 else ""
+    return f"{exc.filename}{target}: {exc.strerror}"
+
+
+def _run(step: Callable[[], str], stage: str | None = None) -> None:
+    """Run a stage under its lock. Input errors (ValueError), what the machine refused
+    (OSError: permissions, a full disk, a file where a folder should be) and failures
+    medpipe explains (`MedpipeError`) become one line and exit code 1; anything else is a
+    bug and keeps its traceback (without locals)."""
     try:
-        summary = step()
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        with stage_lock(stage) if stage else contextlib.nullcontext():
+            summary = step()
+    except OSError as exc:
+        typer.echo(f"error: {describe(exc)}", err=True)
+        raise typer.Exit(1) from None
+    except (ValueError, MedpipeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(summary)
@@ -65,7 +83,7 @@ def download(params_file: Path = ParamsOption) -> None:
     from stages import download as stage
 
     p = _params(params_file)
-    _run(lambda: stage.run(p.data))
+    _run(lambda: stage.run(p.data), "download")
 
 
 @app.command()
@@ -74,7 +92,7 @@ def split(params_file: Path = ParamsOption) -> None:
     from stages import split as stage
 
     p = _params(params_file)
-    _run(lambda: stage.run(p.split))
+    _run(lambda: stage.run(p.split), "split")
 
 
 @app.command()
@@ -83,7 +101,7 @@ def preprocess(params_file: Path = ParamsOption) -> None:
     from stages import preprocess as stage
 
     p = _params(params_file)
-    _run(lambda: stage.run(p.preprocess))
+    _run(lambda: stage.run(p.preprocess), "preprocess")
 
 
 @app.command()
@@ -95,7 +113,7 @@ def train(params_file: Path = ParamsOption) -> None:
     if p.train.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
         command = stage.runtime.torchrun_command(params_file, p.train.nproc_per_node)
         raise typer.Exit(subprocess.call(command))
-    _run(lambda: stage.run(p.model, p.train, p.augment))
+    _run(lambda: stage.run(p.model, p.train, p.augment), "train")
 
 
 @app.command()
@@ -104,7 +122,7 @@ def evaluate(params_file: Path = ParamsOption) -> None:
     from stages import evaluate as stage
 
     p = _params(params_file)
-    _run(lambda: stage.run(p.evaluate))
+    _run(lambda: stage.run(p.evaluate), "evaluate")
 
 
 @app.command()
@@ -113,7 +131,7 @@ def export(params_file: Path = ParamsOption) -> None:
     from stages import export as stage
 
     p = _params(params_file)
-    _run(lambda: stage.run(p.export))
+    _run(lambda: stage.run(p.export), "export")
 
 
 @app.command()
@@ -122,7 +140,7 @@ def embed(params_file: Path = ParamsOption) -> None:
     from stages import embed as stage
 
     p = _params(params_file)
-    _run(lambda: stage.run(p.embed))
+    _run(lambda: stage.run(p.embed), "embed")
 
 
 @app.command()
@@ -131,7 +149,7 @@ def explain(params_file: Path = ParamsOption) -> None:
     from stages import explain as stage
 
     p = _params(params_file)
-    _run(lambda: stage.run(p.explain))
+    _run(lambda: stage.run(p.explain), "explain")
 
 
 @app.command("predict")
@@ -157,7 +175,7 @@ def report(params_file: Path = ParamsOption) -> None:
     from stages import report as stage
 
     p = _params(params_file)
-    _run(lambda: stage.run(p, params_file))
+    _run(lambda: stage.run(p, params_file), "report")
 
 
 @app.command()
@@ -183,7 +201,7 @@ def pr_summary(
     p = _params(params_file)
     try:
         markdown, gate = review.summarize(Path("."), base, p.report)
-    except RuntimeError as exc:
+    except ToolFailed as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(markdown)

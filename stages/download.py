@@ -136,7 +136,7 @@ def from_files(frame: pd.DataFrame, out: Path, card: dict, hint: str) -> RawData
 def build_folder(params: DataParams, out: Path, root: Path | None = None) -> RawData:
     """Class folders: `root/<class>/*` or `root/<split>/<class>/*`."""
     root = root or Path(params.path or "").expanduser()
-    frame = collect.scan_folder(root)
+    frame, empty = collect.scan_folder(root, params.follow_links)
     frame["patient_id"], frame["patient_known"] = collect.patients_from_paths(
         frame["below"], frame["name"], params.patient_regex
     )
@@ -148,7 +148,13 @@ def build_folder(params: DataParams, out: Path, root: Path | None = None) -> Raw
         "description": f"Class folders under {root}",
         "license": "",
     }
-    return from_files(frame, out, card, "set data.patient_regex")
+    raw = from_files(frame, out, card, "set data.patient_regex")
+    if empty:  # a class folder without files is no class: say so instead of dropping it
+        raw.notes.append(f"NOTE: {len(empty)} empty class folder(s) skipped: {', '.join(empty)}")
+    return raw
+
+
+MISSING_IDS = {"", "nan", "na", "n/a", "none", "null", "<na>", "#n/a", "-"}
 
 
 def build_csv(
@@ -162,7 +168,7 @@ def build_csv(
     if path is None:
         path = Path(params.path or "").expanduser()
         root = Path(params.root).expanduser() if params.root else None
-    frame = collect.rows_from_csv(path, root, params.columns.model_dump())
+    frame = collect.rows_from_csv(path, root, params.columns.model_dump(), params.follow_links)
     frame["label"] = frame["label"].map(
         lambda s: LABEL_SEPARATOR.join(n.strip() for n in s.split(LABEL_SEPARATOR) if n.strip())
     )
@@ -171,7 +177,9 @@ def build_csv(
         frame.loc[(frame["label"] == "") & (frame["problem"] == ""), "problem"] = "no label"
     names = set(frame["label"].str.split(LABEL_SEPARATOR, regex=False).explode()) - {""}
     frame["patient_id"] = frame["patient_id"].str.strip()
-    frame["patient_known"] = frame["patient_id"] != ""
+    # spreadsheets write a missing id as NaN/NA/None: not one patient called "nan"
+    missing = frame["patient_id"].str.lower().isin(MISSING_IDS)
+    frame["patient_known"] = ~missing
     frame["patient_id"] = frame["patient_id"].where(
         frame["patient_known"], "image:" + frame["name"]
     )

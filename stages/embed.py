@@ -13,6 +13,7 @@ from sklearn.metrics import silhouette_score
 
 from stages.lib import paths
 from stages.lib.checkpoint import ModelMeta
+from stages.lib.errors import ToolFailed
 from stages.lib.inference import ScoredSplit, load_model, read_split
 from stages.lib.io import (
     LABEL_SEPARATOR,
@@ -41,7 +42,7 @@ def umap_embedding(features: np.ndarray, params: EmbedParams) -> np.ndarray:
     try:
         import umap
     except ImportError:
-        raise RuntimeError(
+        raise ToolFailed(
             "embed.method umap needs the umap-learn package: pip install 'medpipe[umap]' "
             "(or pip install umap-learn), or set embed.method to tsne or pca"
         ) from None

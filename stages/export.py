@@ -23,6 +23,7 @@ import torch
 
 from stages.lib import paths
 from stages.lib.checkpoint import ModelMeta
+from stages.lib.errors import CheckFailed
 from stages.lib.inference import Deployable, load_model, read_split
 from stages.lib.io import atomic_path, write_result
 from stages.lib.params import ExportParams
@@ -127,7 +128,7 @@ def run(
         }
         worst = max(diffs, key=lambda k: diffs[k])
         if diffs[worst] > params.tolerance:
-            raise RuntimeError(
+            raise CheckFailed(
                 f"{worst} output differs from PyTorch by {diffs[worst]:.2e} (> export.tolerance "
                 f"{params.tolerance:g}) on test images; nothing was exported"
             )

@@ -17,6 +17,7 @@ from stages.lib import paths
 from stages.lib.io import (
     MANIFEST_COLUMNS,
     SPLITS,
+    atomic_dir,
     count_classes,
     read_csv,
     read_json,
@@ -56,6 +57,22 @@ def audit(
             "class_counts_before": count_classes(before[s]["label"], classes, multilabel),
         }
     return report
+
+
+def write_split_files(
+    out: Path, splits: dict[str, pd.DataFrame], manifest: pd.DataFrame, dups: pd.DataFrame
+) -> None:
+    """{train,val,test}.csv and duplicates.csv (what allow_duplicates let through)."""
+    for s in SPLITS:
+        write_csv(out / f"{s}.csv", splits[s])
+    frame = pd.DataFrame(
+        {
+            "image": manifest["image"].iloc[dups.index].to_numpy(),
+            "split": dups["split"].to_numpy(),
+            "same_as": manifest["image"].iloc[dups["cluster"]].to_numpy(),
+        }
+    )
+    write_csv(out / "duplicates.csv", frame)
 
 
 def run(
@@ -102,18 +119,8 @@ def run(
             f"{examples}); they inflate test scores. Remove them from the source, use "
             "split.strategy patient, or set split.allow_duplicates: true to accept them"
         )
-    for s in SPLITS:
-        write_csv(out_dir / f"{s}.csv", splits[s])
-    write_csv(  # what allow_duplicates let through, for inspection
-        out_dir / "duplicates.csv",
-        pd.DataFrame(
-            {
-                "image": manifest["image"].iloc[dups.index].to_numpy(),
-                "split": dups["split"].to_numpy(),
-                "same_as": manifest["image"].iloc[dups["cluster"]].to_numpy(),
-            }
-        ),
-    )
+    with atomic_dir(out_dir) as tmp:  # all four files or none (a full disk keeps the old set)
+        write_split_files(tmp, splits, manifest, dups)
     write_json(metrics_file, report)
     sizes = ", ".join(
         f"{s} {report[s]['n_images']:,} ({report[s]['n_patients']:,} pts)" for s in SPLITS

@@ -188,3 +188,15 @@ def test_queued_experiments_both_run(repo, env):
         runs[lr] = data["metrics"]["metrics/evaluate.json"]["data"]["accuracy"]
     assert {0.01, 0.02} <= set(runs), runs
     assert all(0 <= runs[lr] <= 1 for lr in (0.01, 0.02))
+
+
+def test_experiment_table_fits_a_terminal(repo, env):
+    """The README's table command over the runs so far (lr 0.005, 0.01, 0.02, size 24):
+    headline metrics only, so it fits 200 columns."""
+    wide = {**env, "COLUMNS": "1000"}  # measure the table's own width, not a squeezed one
+    command = ("dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", "Created|.*/")
+    table = sh(repo, wide, *command)
+    assert "train.lr" in table and "f1_macro" in table and "accuracy" in table
+    assert "…" not in table  # nothing cut
+    width = max(len(line.rstrip()) for line in table.splitlines())
+    assert width <= 200, f"{width} columns:\n{table}"

@@ -97,11 +97,12 @@ def test_folders_are_searched_and_bad_files_skipped(checkpoint, tmp_path):
     folder.mkdir(parents=True)
     for i in range(3):
         Image.fromarray((chest(i) // 257).astype(np.uint8)).save(folder / f"img{i}.png")
-    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    (folder / "notes.txt").write_text("listed as skipped: not an image")
     (folder / "broken.png").write_text("not a png")
     out = tmp_path / "pred.csv"
     summary = predict.run([str(tmp_path / "in")], checkpoint, out)
-    assert "3 image(s)" in summary and "1 skipped" in summary and "broken.png" in summary
+    assert "3 image(s)" in summary and "2 skipped" in summary and "broken.png" in summary
+    assert "skipped: " in summary and "notes.txt (not an image" in summary  # every file listed
     assert [Path(p).name for p in pd.read_csv(out)["path"]] == ["img0.png", "img1.png", "img2.png"]
 
 

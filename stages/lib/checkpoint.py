@@ -8,6 +8,9 @@ stages ask `meta.multilabel` or `meta.normalization(device)`, never the dict.
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,3 +89,50 @@ def save_torch(path: Path, obj: Any) -> None:
     names), so the same content gives the same bytes and the same DVC hash."""
     with open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The stored dict of a `model.pt` (`format`, `state_dict`, `meta`), loaded with
+    weights_only (no code from the file runs).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: saying what the file is instead (a TorchScript export, a pickle that
+            wants to run code, a plain state dict, something else) and what medpipe expects.
+    """
+    expected = "medpipe expects the model.pt that `medpipe train` writes (weights + meta)"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model checkpoint not found (run `medpipe train`)")
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        raise ValueError(
+            f"{path}: a TorchScript file (what `medpipe export` writes as model.ts), not a "
+            f"checkpoint; {expected}. Load TorchScript files with torch.jit.load."
+        )
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if wanted:
+            reason = f"it asks to import {wanted.group(1)}, which a weights file never needs"
+        elif isinstance(exc, pickle.UnpicklingError):
+            reason = "it holds more than weights and plain data (loading it could run code)"
+        else:
+            reason = "it is not a readable PyTorch file (truncated, or another format)"
+        raise ValueError(
+            f"{path}: refused: {reason}. medpipe loads checkpoints as weights and plain data "
+            f"only, never running code from the file; {expected}."
+        ) from None
+    if isinstance(blob, dict) and {"state_dict", "meta"} <= set(blob):
+        return blob
+    if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise ValueError(
+            f"{path}: a plain state dict (weights only, without the classes, input size and "
+            f"normalisation medpipe needs); {expected}. To train from these weights, set "
+            f"model.pretrained: true and model.weights: {path}"
+        )
+    raise ValueError(f"{path}: a {type(blob).__name__}, not a medpipe checkpoint; {expected}")
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())

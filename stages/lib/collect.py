@@ -40,11 +40,13 @@ def _subdirs(path: Path) -> list[Path]:
     return [p for p in visible_entries(path) if p.is_dir()]
 
 
-def scan_folder(root: Path) -> pd.DataFrame:
+def scan_folder(root: Path, follow_links: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Files of `root/<class>/**` or `root/<split>/<class>/**` (split: train, val, test).
 
     Returns one row per file: file (path), name (path below root), label (class folder),
-    source_split (or ""), below (path below the class folder, for patient_regex).
+    source_split (or ""), below (path below the class folder, for patient_regex), problem
+    (why it is not read: a link leaving `root` unless `follow_links`); and the class
+    folders that hold no file (named so that the summary can say so).
     """
     if not root.is_dir():
         raise FileNotFoundError(f"data.path: {root} is not a folder")
@@ -53,22 +55,36 @@ def scan_folder(root: Path) -> pd.DataFrame:
         groups = [(SPLIT_NAMES[d.name.lower()], c) for d in top for c in _subdirs(d)]
     else:
         groups = [("", c) for c in top]
-    rows = []
+    rows, empty, base = [], [], root.resolve()
     for split, class_dir in groups:
         if LABEL_SEPARATOR in class_dir.name:
             raise ValueError(f"{class_dir}: class names must not contain {LABEL_SEPARATOR!r}")
+        found = 0
         for file in sorted(class_dir.rglob("*")):
             parts = file.relative_to(root).parts
             if file.is_file() and all(visible(Path(p)) for p in parts):
                 below = file.relative_to(class_dir).as_posix()
-                rows.append((file, "/".join(parts), class_dir.name, split, below))
-    if len({label for _, _, label, _, _ in rows}) < 2:
+                problem = link_problem(file, base, follow_links)
+                rows.append((file, "/".join(parts), class_dir.name, split, below, problem))
+                found += 1
+        if not found:
+            empty.append(class_dir.relative_to(root).as_posix())
+    if len({label for _, _, label, _, _, _ in rows}) < 2:
         raise ValueError(
             f"data.path: {root} needs two or more class folders with files "
             "(root/<class>/* or root/<train|val|test>/<class>/*); found "
             f"{[d.name for d in top] or 'none'}"
         )
-    return pd.DataFrame(rows, columns=["file", "name", "label", "source_split", "below"])
+    columns = ["file", "name", "label", "source_split", "below", "problem"]
+    return pd.DataFrame(rows, columns=columns), empty
+
+
+def link_problem(file: Path, base: Path, follow_links: bool) -> str:
+    """Why a file is not read: a symbolic link (anywhere on its path) that leads outside
+    `base`, as for archive members; "" when it stays inside or links may be followed."""
+    if follow_links or file.resolve().is_relative_to(base):
+        return ""
+    return f"link to {file.resolve()}, outside {base} (set data.follow_links: true to read it)"
 
 
 def patients_from_paths(
@@ -94,7 +110,9 @@ def patients_from_paths(
     return found.where(found.notna(), fallback), found.notna()
 
 
-def rows_from_csv(path: Path, root: Path | None, columns: dict[str, str | None]) -> pd.DataFrame:
+def rows_from_csv(
+    path: Path, root: Path | None, columns: dict[str, str | None], follow_links: bool = False
+) -> pd.DataFrame:
     """Rows (file, name, label, patient_id, source_split, group) of a CSV source.
 
     Image paths are relative to `root` (default: the CSV's folder) and may not leave it.
@@ -132,7 +150,10 @@ def rows_from_csv(path: Path, root: Path | None, columns: dict[str, str | None])
         if bad:
             raise ValueError(f"{path}: column {wanted['split']!r} has {bad}; use {list(SPLITS)}")
         frame["source_split"] = raw.map(lambda s: SPLIT_NAMES.get(s, ""))
-    frame["problem"] = np.where(inside, "", f"path outside {base}")
+    frame["problem"] = [
+        link_problem(f, base, follow_links) if ok else f"path outside {base}"
+        for f, ok in zip(files, inside, strict=True)
+    ]
     frame.loc[table[wanted["image"]].str.strip() == "", "problem"] = "no image path"
     frame.loc[frame["name"].duplicated() & (frame["problem"] == ""), "problem"] = "listed twice"
     return frame

@@ -8,6 +8,7 @@ import posixpath
 import re
 import shutil
 import tarfile
+import time
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from stages.lib import catalog
 from stages.lib.catalog import medmnist_flags, medmnist_info
+from stages.lib.errors import ToolFailed
 from stages.lib.io import atomic_dir, safe_name
 
 CACHE_ENV = "MEDPIPE_CACHE"
@@ -100,20 +102,27 @@ def fetch(url: str, known_hash: str, fname: str, cache: Path, retries: int) -> P
         base_url="",
         registry={fname: known_hash},
         urls={fname: url},
-        retry_if_failed=retries,
+        retry_if_failed=0,  # retried below: network errors only, never a wrong hash
     )
     attempts = f"{retries + 1} attempt(s)"
-    try:
-        return Path(store.fetch(fname, downloader=_Downloader()))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"download {url}: {exc} (check data.flag/data.size or data.url, and that a "
-            f"mirror serves the same path)"
-        ) from None
-    except requests.RequestException as exc:
-        raise RuntimeError(f"download {url}: failed after {attempts}: {exc}") from None
-    except ValueError as exc:  # pooch: hash mismatch, message has both hashes
-        raise ValueError(f"download {url}: failed after {attempts}: {exc}") from None
+    for attempt in range(retries + 1):
+        try:
+            return Path(store.fetch(fname, downloader=_Downloader()))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"download {url}: {exc} (check data.flag/data.size or data.url, and that a "
+                f"mirror serves the same path)"
+            ) from None
+        except requests.RequestException as exc:
+            if attempt == retries:
+                raise ToolFailed(f"download {url}: failed after {attempts}: {exc}") from None
+            time.sleep(min(attempt + 1, 10))  # as pooch waits between its own retries
+        except ValueError as exc:  # pooch: hash mismatch; the bytes arrived, so it is final
+            raise ValueError(
+                f"download {url}: the downloaded file does not have the expected hash (nothing "
+                f"was kept; a retry would fetch the same bytes): {exc}"
+            ) from None
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def archive_name(url: str, sha256: str) -> str:

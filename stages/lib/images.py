@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stages.lib.errors import MissingItem
 from stages.lib.io import npz_array, open_npz, open_zip
 from stages.lib.params import PreprocessParams
 
@@ -77,6 +78,22 @@ def prepare_image(
 
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+DICOM_MAGIC = (128, b"DICM")  # offset and bytes of the DICOM preamble's magic
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *DICOM_SUFFIXES)
+
+
+def is_dicom(data: bytes) -> bool:
+    """DICOM by content: files often have no suffix (IM000123) or another one."""
+    offset, magic = DICOM_MAGIC
+    return data[offset : offset + len(magic)] == magic
+
+
+def image_kind(path: Path) -> str | None:
+    """Why `path` looks like an image (its suffix, or a DICOM preamble); None if it does not."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return path.suffix.lower()
+    with open(path, "rb") as handle:
+        return "DICOM" if is_dicom(handle.read(DICOM_MAGIC[0] + 4)) else None
 
 
 ORIENTATION_TAG = 0x0112  # EXIF
@@ -104,7 +121,7 @@ def read_image(root: Path | str, ref: str) -> np.ndarray:
         try:
             data = open_zip(path).read(key)
         except KeyError:
-            raise KeyError(f"{path}: no member {key!r} (manifest entry {ref!r})") from None
+            raise MissingItem(f"{path}: no member {key!r} (manifest entry {ref!r})") from None
         return decode_image(data, key)
     if key:
         if "/" in key:
@@ -112,7 +129,7 @@ def read_image(root: Path | str, ref: str) -> np.ndarray:
             return np.asarray(npz_array(path, f"{split}_images")[int(index)])
         arrays = open_npz(path)
         if key not in arrays.files:
-            raise KeyError(f"{path}: no array {key!r} (manifest entry {ref!r})")
+            raise MissingItem(f"{path}: no array {key!r} (manifest entry {ref!r})")
         return np.asarray(arrays[key])
     return decode_image(path.read_bytes(), path.name)
 
@@ -130,7 +147,7 @@ def decode_image(data: bytes, name: str = "") -> np.ndarray:
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
-    if data[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES):
+    if is_dicom(data) or name.lower().endswith(DICOM_SUFFIXES):
         return _decode_dicom(data)
     try:
         with Image.open(io.BytesIO(data)) as img:

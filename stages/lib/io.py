@@ -7,11 +7,13 @@ interrupted leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import paths
+from stages.lib.errors import MissingItem
 
 MANIFEST_COLUMNS = ("image", "label", "patient_id", "source_split")
 OPTIONAL_COLUMNS = ("group", "mask")
@@ -32,17 +35,96 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def make_parent(path: Path) -> None:
+    """Create `path`'s folder; a file standing where a folder must be is named."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in reversed(path.parents) if p.exists() and not p.is_dir())
+        reason = f"{blocker} is a file, not a folder (move or delete it)"
+        raise NotADirectoryError(errno.ENOTDIR, reason, str(path)) from None
+
+
+@contextlib.contextmanager
+def naming_errors(path: Path, rename: bool = False) -> Iterator[None]:
+    """An OS error while writing an output gets the output's name: a full disk or a size
+    limit (no file name), or with `rename` a temporary sibling that could not be created
+    (`metrics/split.json: Permission denied`, not `metrics/.split.json.x7q.tmp`)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None or (exc.filename is not None and not rename):
+            raise
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+
+
+@contextlib.contextmanager
+def inside_names(tmp: Path, path: Path) -> Iterator[None]:
+    """Errors about files in a temporary folder name them as they will be called in `path`
+    (`data/split/train.csv`, not `data/.split.x7q.tmp/train.csv`)."""
+    try:
+        yield
+    except OSError as exc:
+        name = str(exc.filename or "")
+        if exc.errno is None or not name.startswith(str(tmp)):
+            raise
+        shown = str(path) + name[len(str(tmp)) :]
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), shown) from exc
+
+
+def remove(path: Path) -> None:
+    """Delete a file, link or folder tree, read-only parts included; missing is fine.
+
+    Raises:
+        OSError: naming `path`, when it cannot be removed (delete it by hand).
+    """
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    if not path.exists():
+        return
+
+    def force(func: Callable, name: str, exc: BaseException) -> None:
+        os.chmod(os.path.dirname(name) or ".", 0o700)  # a read-only parent blocks deletion
+        if os.path.isdir(name) and not os.path.islink(name):
+            os.chmod(name, 0o700)
+        func(name)
+
+    try:
+        shutil.rmtree(path, onexc=force) if sys.version_info >= (3, 12) else shutil.rmtree(
+            path, onerror=lambda f, n, e: force(f, n, e[1])
+        )
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot remove leftover {path} ({exc.strerror}); delete it by hand",
+            str(path),
+        ) from None
+
+
+def remove_stale(path: Path) -> None:
+    """Remove what an interrupted atomic write of `path` left beside it: `.<name>.*.tmp`
+    files or folders and `.<name>.old`. A stage runs under its lock (`stage_lock`), so no
+    other run is writing these."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        remove(leftover)
+    remove(path.with_name(f".{path.name}.old"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_parent(path)
+    remove_stale(path)
+    with naming_errors(path, rename=True):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
     try:
-        yield tmp_path
+        with naming_errors(path):
+            yield tmp_path
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -50,19 +132,25 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; swap it in for `path` only on success."""
+    """Yield a temporary directory beside `path`; swap it in for `path` only on success.
+
+    Whatever stands at `path` (a folder, a file) is replaced; leftovers of an earlier
+    interrupted swap are removed first, so one never blocks the next run.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    make_parent(path)
+    remove_stale(path)
+    with naming_errors(path, rename=True):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
-        yield tmp
+        with naming_errors(path), inside_names(tmp, path):
+            yield tmp
         old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
+        if path.exists() or path.is_symlink():
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -200,7 +288,7 @@ def _npz_member(path: str, mtime_ns: int, name: str) -> np.ndarray:
         try:
             info = zf.getinfo(f"{name}.npy")
         except KeyError:
-            raise KeyError(f"{path}: no array {name!r}") from None
+            raise MissingItem(f"{path}: no array {name!r}") from None
         if info.compress_type != zipfile.ZIP_STORED:
             with zf.open(info) as fh:
                 return np.lib.format.read_array(fh, allow_pickle=False)

@@ -15,7 +15,7 @@ from timm.models import load_pretrained
 from torch import nn
 
 from stages.lib.catalog import block_names
-from stages.lib.checkpoint import CHECKPOINT_FORMAT, ModelMeta, save_torch
+from stages.lib.checkpoint import CHECKPOINT_FORMAT, ModelMeta, read_checkpoint, save_torch
 from stages.lib.io import atomic_path
 from stages.lib.params import ModelParams
 
@@ -248,9 +248,7 @@ def load_checkpoint(
 ) -> tuple[nn.Module, ModelMeta]:
     """Rebuild the model from `model.pt` (weights_only: no code runs on load)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model checkpoint not found (run `medpipe train`)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = read_checkpoint(path)
     meta = ModelMeta.from_dict(blob["meta"], str(path))
     model = timm.create_model(
         meta.model_name, pretrained=False, num_classes=len(meta.classes), in_chans=meta.channels

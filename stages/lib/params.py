@@ -133,6 +133,11 @@ class DataParams(Section):
         description="Download retries after a failed attempt.",
         json_schema_extra=OPERATIONAL,
     )
+    follow_links: bool = Field(
+        False,
+        description="Read symbolic links that point outside data.path (folder/csv sources); "
+        "off: such links are listed in rejected.csv.",
+    )
     max_extract_mb: float = Field(
         50_000.0, gt=0.0, description="Refuse archives that unpack to more than this (MB)."
     )
@@ -510,6 +515,11 @@ def load_params(path: Path | str = paths.PARAMS) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:  # an empty file is a mistake, not "all defaults" (dvc repro refuses it too)
+        raise ParamsError(
+            f"{path}: the params file is empty; expected the sections "
+            f"{', '.join(Params.model_fields)} (`medpipe params` lists every key and default)"
+        )
     return parse_params(raw, str(path))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+LOCKS = Path(".medpipe/locks")  # one lock per stage: one run at a time per workspace
 
 RAW = Path("data/raw")  # download
 MANIFEST = RAW / "manifest.csv"

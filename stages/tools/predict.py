@@ -16,36 +16,44 @@ import pandas as pd
 from PIL import Image
 
 from stages.lib.checkpoint import ModelMeta
-from stages.lib.images import prepare_image, read_image
+from stages.lib.collect import visible
+from stages.lib.images import IMAGE_SUFFIXES, image_kind, prepare_image, read_image
 from stages.lib.inference import LoadedModel, load_model
 from stages.lib.io import atomic_path, safe_name, write_csv
 from stages.lib.params import PreprocessParams
 from stages.lib.paths import MODEL
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
 SHOWN_ROWS = 20
 
 
-def collect_inputs(paths: list[str]) -> list[str]:
-    """Files as given, folders expanded (recursively, sorted, image suffixes only), and
-    `file.npz#key` references into array files."""
+def collect_inputs(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files as given, folders expanded (recursively, sorted), and `file.npz#key` references.
+
+    In folders, files with an image suffix or a DICOM preamble (DICOM files often have no
+    suffix) are taken; every other file is returned as skipped, with the reason.
+    """
     refs: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            files = sorted(p for p in path.rglob("*") if p.is_file() and visible(p))
+            found = [p for p in files if image_kind(p)]
+            others = sorted(set(files) - set(found))
+            skipped += [
+                (str(p), "not an image (no image suffix, no DICOM preamble)") for p in others
+            ]
             if not found:
                 raise FileNotFoundError(
-                    f"{raw}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder"
+                    f"{raw}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)}, or "
+                    f"DICOM by content); {len(files)} other file(s)"
                 )
             refs += [str(p) for p in found]
         elif path.is_file() or ("#" in raw and Path(raw.partition("#")[0]).is_file()):
             refs.append(raw)
         else:
             raise FileNotFoundError(f"{raw}: no such file or folder")
-    return refs
+    return refs, skipped
 
 
 def load_images(
@@ -117,8 +125,9 @@ def run(
     start = time.perf_counter()
     model = load_model(model_file)
     meta = model.meta
-    refs = collect_inputs(paths)
+    refs, not_images = collect_inputs(paths)
     images, kept, rejected = load_images(refs, PreprocessParams(**meta.preprocess))
+    rejected = not_images + rejected
     skipped = "".join(f"skipped: {ref} ({reason})\n" for ref, reason in rejected)
     if not kept:
         raise ValueError(f"none of the {len(refs)} input(s) could be read:\n{skipped.rstrip()}")

@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.lib.errors import ToolFailed
 from stages.lib.params import ReportParams
 
 DEFAULT_METRICS_FILE = "metrics/evaluate.json"
@@ -34,7 +35,7 @@ def dvc(repo: Path, *args: str) -> str:
         ["dvc", *args], cwd=repo, capture_output=True, text=True, check=False, timeout=300
     )
     if done.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed: {done.stderr.strip()}")
+        raise ToolFailed(f"dvc {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout
 
 
