@@ -27,7 +27,8 @@ def declared(stage: str, key: str) -> list[str]:
 def test_dvc_yaml_has_exactly_the_stages_the_code_knows():
     assert list(DVC_YAML["stages"]) == STAGE_NAMES
     for stage in STAGE_NAMES:
-        assert DVC_YAML["stages"][stage]["cmd"] == f"medpipe {stage}"
+        # `python -m stages`: the code of the folder DVC runs in (a queued experiment's copy)
+        assert DVC_YAML["stages"][stage]["cmd"] == f"python -m stages {stage}"
 
 
 @pytest.mark.parametrize("stage", STAGE_NAMES)
