@@ -5,7 +5,6 @@ figures."""
 from __future__ import annotations
 
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from stages.lib import metrics, paths
+from stages.lib import metrics, paths, statistics
 from stages.lib.inference import (
     LoadedModel,
     count_parameters,
@@ -34,6 +33,7 @@ GROUP_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
 # threshold, deployment figures) goes to metrics/detail/evaluate.json
 HEADLINE = (
     "n_test",
+    "ci_unit",
     "accuracy",
     "balanced_accuracy",
     "f1_macro",
@@ -55,10 +55,14 @@ def evaluate_probs(
     classes: list[str],
     params: EvaluateParams,
     multilabel: bool = False,
+    patients: np.ndarray | None = None,
 ) -> dict:
     """Headline, per-class, calibration and CI figures from labels and probabilities.
 
-    `y` is (N,) class indices, or (N, K) multi-hot when `multilabel`.
+    `y` is (N,) class indices, or (N, K) multi-hot when `multilabel`. Intervals resample
+    `patients` (all images of a drawn patient) when several images share a patient id:
+    images of one patient are correlated, so resampling images would understate the
+    uncertainty. `ci_unit` says which unit was resampled.
     """
     summary = metrics.summarize_multilabel if multilabel else metrics.summarize
     per_class = metrics.per_label if multilabel else metrics.per_class
@@ -72,16 +76,46 @@ def evaluate_probs(
     )
     result["brier"] = round(metrics.brier_score(y, probs, multilabel), 4)
     if params.bootstrap:
-        keys = metrics.MULTILABEL_KEYS if multilabel else metrics.SUMMARY_KEYS
-        result["ci"] = metrics.bootstrap_ci(
-            y, probs, params.bootstrap, params.seed, keys=keys, summary=summary
-        )
-        class_ci = metrics.class_bootstrap_ci(
-            y, probs, classes, params.bootstrap, params.seed, multilabel
-        )
-        for name, ci in class_ci.items():
+        groups = statistics.patient_groups(patients)
+        result["ci_unit"] = statistics.resampling_unit(groups)
+        result["ci"] = intervals(y, probs, groups, params, multilabel)
+        for name, ci in class_intervals(y, probs, classes, groups, params, multilabel).items():
             result["per_class"][name]["ci"] = ci
     return result
+
+
+def intervals(
+    y: np.ndarray,
+    probs: np.ndarray,
+    groups: np.ndarray | None,
+    params: EvaluateParams,
+    multilabel: bool,
+    keys: tuple[str, ...] | None = None,
+) -> dict[str, list[float]]:
+    """95% intervals of the headline metrics: vectorised for single-label tasks, one
+    summary per resample for multi-label ones."""
+    n, seed = params.bootstrap, params.seed
+    if multilabel:
+        keys = keys or metrics.MULTILABEL_KEYS
+        summary = metrics.summarize_multilabel
+        return statistics.bootstrap_ci(y, probs, n, seed, keys, summary, groups)
+    return statistics.bootstrap_metrics(y, probs, groups, n, seed, keys or metrics.SUMMARY_KEYS)
+
+
+def class_intervals(
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    groups: np.ndarray | None,
+    params: EvaluateParams,
+    multilabel: bool,
+) -> dict[str, dict[str, list[float]]]:
+    """Per class 95% intervals of precision, recall and F1."""
+    n, seed = params.bootstrap, params.seed
+    if multilabel:
+        return statistics.class_bootstrap_ci(y, probs, classes, n, seed, True, groups)
+    per_class = statistics.class_intervals(y, probs, groups, n, seed)
+    return dict(zip(classes, per_class, strict=True))
 
 
 def threshold_report(
@@ -118,22 +152,23 @@ def group_metrics(
     probs: np.ndarray,
     groups: pd.Series,
     multilabel: bool = False,
-    n_resamples: int = 0,
-    seed: int = 0,
+    params: EvaluateParams | None = None,
+    patients: np.ndarray | None = None,
 ) -> dict[str, dict]:
-    """Headline metrics per value of the manifest's `group` column (empty values skipped),
-    with a 95% bootstrap interval of each group's accuracy when `n_resamples` > 0."""
+    """Every headline metric per value of the manifest's `group` column (empty values
+    skipped), each with its 95% interval when `params.bootstrap` > 0, resampling patients
+    within the group (the interval of that group's figure)."""
     summary = metrics.summarize_multilabel if multilabel else metrics.summarize
-    accuracy = partial(metrics.summarize_accuracy, multilabel=multilabel)
+    keys = metrics.MULTILABEL_KEYS if multilabel else metrics.SUMMARY_KEYS
     table = {}
     for name in sorted(set(groups) - {""}):
         rows = (groups == name).to_numpy()
         values = summary(y[rows], probs[rows])
-        table[str(name)] = {"n": int(rows.sum()), **_rounded({k: values[k] for k in GROUP_KEYS})}
-        if n_resamples:  # resampled within the group: the interval of that group's figure
-            table[str(name)]["ci"] = metrics.bootstrap_ci(
-                y[rows], probs[rows], n_resamples, seed, keys=("accuracy",), summary=accuracy
-            )
+        table[str(name)] = {"n": int(rows.sum()), **_rounded({k: values[k] for k in keys})}
+        if params is not None and params.bootstrap:
+            members = statistics.patient_groups(None if patients is None else patients[rows])
+            ci = intervals(y[rows], probs[rows], members, params, multilabel, keys)
+            table[str(name)]["ci"] = ci
     return table
 
 
@@ -262,7 +297,8 @@ def run(
     classes, multilabel = model.meta.classes, model.meta.multilabel
     test = score_split(model, processed_dir, "test", params.batch_size, params.tta)
     frame, y, probs = test.frame, test.y, test.probs
-    result = evaluate_probs(y, probs, classes, params, multilabel)
+    patients = frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame else None
+    result = evaluate_probs(y, probs, classes, params, multilabel, patients)
     result["tta"] = params.tta
     threshold = None
     if len(classes) == 2 and not multilabel:
@@ -271,7 +307,7 @@ def run(
         threshold = result["threshold"]["value"]
     if "group" in frame and (frame["group"].astype(str) != "").any():
         result["per_group"] = group_metrics(
-            y, probs, frame["group"].astype(str), multilabel, params.bootstrap, params.seed
+            y, probs, frame["group"].astype(str), multilabel, params, patients
         )
     result.update(deployment_figures(model, model_file, params.latency_runs))
     with atomic_dir(plots_dir) as tmp:

@@ -116,7 +116,12 @@ def results_section(
     page: Page, result: dict, confusion: pd.DataFrame, classes: list[str], plots_dir: Path
 ) -> None:
     page.section("results", "Test results")
-    page.add(f"<p>{result['n_test']:,} test images; 95% bootstrap intervals.</p>")
+    unit = result.get("ci_unit", "image")
+    how = "all images of a drawn patient kept together" if unit == "patient" else "no patient ids"
+    page.add(
+        f"<p>{result['n_test']:,} test images; 95% bootstrap intervals resampling {unit}s "
+        f"({how}).</p>"
+    )
     page.add(table(headline_table(result)))
     page.add(table(metric_table({c: result["per_class"][c] for c in classes}, "class")))
     heat, norm = confusion_figures(confusion, classes)

@@ -203,8 +203,34 @@ def test_evaluate_probs_adds_per_class_and_group_intervals_keeping_keys():
     without = evaluate.evaluate_probs(y, probs, classes, EvaluateParams(bootstrap=0))
     assert "ci" not in without["per_class"]["a"]
     groups = pd.Series(np.where(np.arange(240) < 120, "hand", "wrist"))
-    table = evaluate.group_metrics(y, probs, groups, n_resamples=200, seed=0)
+    table = evaluate.group_metrics(y, probs, groups, params=EvaluateParams(bootstrap=200))
     for row in table.values():
         lo, hi = row["ci"]["accuracy"]
         assert lo <= row["accuracy"] <= hi
+        for key in ("balanced_accuracy", "f1_macro", "kappa", "roc_auc"):  # every headline
+            lo, hi = row["ci"][key]
+            assert lo <= row[key] <= hi, key
     assert "ci" not in evaluate.group_metrics(y, probs, groups)["hand"]
+
+
+def test_intervals_resample_patients_when_they_have_several_images():
+    """Correlated images of one patient: the patient interval is wider, and the stage says
+    which unit it resampled; one image per patient gives the image bootstrap."""
+    rng = np.random.default_rng(0)
+    n_patients, per = 80, 3
+    patient_right = rng.random(n_patients) < 0.8  # a patient's images are right or wrong together
+    y = rng.integers(0, 3, n_patients * per)
+    right = np.repeat(patient_right, per)
+    pred = np.where(right, y, (y + 1) % 3)
+    probs = np.full((len(y), 3), 0.1)
+    probs[np.arange(len(y)), pred] = 0.8
+    patients = np.repeat([f"p{i}" for i in range(n_patients)], per)
+    params = EvaluateParams(bootstrap=400)
+    by_patient = evaluate.evaluate_probs(y, probs, list("abc"), params, patients=patients)
+    by_image = evaluate.evaluate_probs(y, probs, list("abc"), params)
+    assert by_patient["ci_unit"] == "patient" and by_image["ci_unit"] == "image"
+    width = {r["ci_unit"]: np.diff(r["ci"]["accuracy"])[0] for r in (by_patient, by_image)}
+    assert width["patient"] > 1.3 * width["image"]
+    unique = np.array([f"q{i}" for i in range(len(y))])
+    single = evaluate.evaluate_probs(y, probs, list("abc"), params, patients=unique)
+    assert single["ci_unit"] == "image" and single["ci"] == by_image["ci"]

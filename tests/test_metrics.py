@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from stages.lib import metrics
+from stages.lib import metrics, statistics
 
 
 def one_hot(y, k=3, confidence=0.9):
@@ -40,11 +40,11 @@ def test_bootstrap_ci_contains_estimate_and_shrinks_with_more_data():
         return y, one_hot(pred)
 
     y, probs = noisy(100)
-    ci = metrics.bootstrap_ci(y, probs, 200, seed=0)
+    ci = statistics.bootstrap_ci(y, probs, 200, seed=0)
     acc = metrics.summarize(y, probs)["accuracy"]
     assert ci["accuracy"][0] <= acc <= ci["accuracy"][1]
     big_y, big_probs = noisy(2000)
-    big = metrics.bootstrap_ci(big_y, big_probs, 200, seed=0)
+    big = statistics.bootstrap_ci(big_y, big_probs, 200, seed=0)
     assert big["accuracy"][1] - big["accuracy"][0] < ci["accuracy"][1] - ci["accuracy"][0]
 
 
@@ -112,7 +112,7 @@ def test_multilabel_metrics_per_label_and_macro():
     assert table["a"]["f1"] == 1.0 and table["c"]["roc_auc"] == 0.0
     assert table["c"]["support"] == 1
     assert metrics.summarize_multilabel(y, wrong)["roc_auc"] == pytest.approx(2 / 3)
-    ci = metrics.bootstrap_ci(
+    ci = statistics.bootstrap_ci(
         y, wrong, 50, 0, keys=metrics.MULTILABEL_KEYS, summary=metrics.summarize_multilabel
     )
     assert set(ci) <= set(metrics.MULTILABEL_KEYS) and "f1_macro" in ci
@@ -125,15 +125,15 @@ def test_class_bootstrap_ci_contains_per_class_estimates():
     probs = one_hot(pred)
     classes = ["a", "b", "c"]
     table = metrics.per_class(y, probs, classes)
-    flat = metrics.class_scores(y, probs)
-    ci = metrics.class_bootstrap_ci(y, probs, classes, 300, seed=0)
+    flat = statistics.class_scores(y, probs)
+    ci = statistics.class_bootstrap_ci(y, probs, classes, 300, seed=0)
     assert set(ci) == set(classes)
     for name in classes:
         assert set(ci[name]) == set(metrics.CLASS_CI_KEYS)
         for key, (lo, hi) in ci[name].items():
             assert flat[f"{classes.index(name)}/{key}"] == pytest.approx(table[name][key])
             assert lo <= table[name][key] <= hi and hi - lo < 0.3
-    assert metrics.class_bootstrap_ci(y, probs, classes, 300, seed=0) == ci  # seeded
+    assert statistics.class_bootstrap_ci(y, probs, classes, 300, seed=0) == ci  # seeded
 
 
 def test_class_bootstrap_ci_multilabel_matches_per_label():
@@ -141,10 +141,10 @@ def test_class_bootstrap_ci_multilabel_matches_per_label():
     y = (rng.random((200, 2)) < 0.4).astype(np.float32)
     probs = np.clip(y * 0.6 + rng.random((200, 2)) * 0.5, 0, 1)
     table = metrics.per_label(y, probs, ["a", "b"])
-    ci = metrics.class_bootstrap_ci(y, probs, ["a", "b"], 200, seed=0, multilabel=True)
+    ci = statistics.class_bootstrap_ci(y, probs, ["a", "b"], 200, seed=0, multilabel=True)
     for name in ("a", "b"):
         for key, (lo, hi) in ci[name].items():
             assert lo <= table[name][key] <= hi
-    assert metrics.summarize_accuracy(y, probs, multilabel=True)["accuracy"] == pytest.approx(
+    assert statistics.summarize_accuracy(y, probs, multilabel=True)["accuracy"] == pytest.approx(
         metrics.summarize_multilabel(y, probs)["accuracy"]
     )

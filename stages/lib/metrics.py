@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from functools import partial
 
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
-from tqdm import tqdm
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
 MULTILABEL_KEYS = ("accuracy", "f1_macro", "f1_micro", "roc_auc")
@@ -247,78 +244,3 @@ def binary_at_threshold(y_true: np.ndarray, scores: np.ndarray, threshold: float
         "fn": int(fn),
         "tn": int(tn),
     }
-
-
-def bootstrap_ci(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    n_resamples: int,
-    seed: int,
-    keys: tuple[str, ...] = SUMMARY_KEYS,
-    summary: Callable[[np.ndarray, np.ndarray], dict[str, float]] = summarize,
-) -> dict[str, list[float]]:
-    """Percentile 95% intervals of `keys` over resamples of the test images (with replacement)."""
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    draws: dict[str, list[float]] = {k: [] for k in keys}
-    for _ in tqdm(range(n_resamples), desc="bootstrap", leave=False, mininterval=1):
-        idx = rng.integers(0, n, n)
-        values = summary(y_true[idx], probs[idx])
-        for k in keys:
-            draws[k].append(values[k])
-    return {
-        k: np.nanpercentile(v, [2.5, 97.5]).round(4).tolist()
-        for k, v in draws.items()
-        if not np.all(np.isnan(v))
-    }
-
-
-def class_scores(
-    y_true: np.ndarray, probs: np.ndarray, multilabel: bool = False, threshold: float = 0.5
-) -> dict[str, float]:
-    """Precision, recall and F1 of every class, flat as "<class index>/<metric>".
-
-    The same figures as `per_class` / `per_label`, without the ranking metrics, so that
-    `bootstrap_ci` can resample them cheaply.
-    """
-    if multilabel:
-        y_pred, y_true = (probs >= threshold).astype(int), y_true.astype(int)
-        labels = None  # multi-hot targets: one binary score per column
-    else:
-        y_pred, labels = probs.argmax(axis=1), np.arange(probs.shape[1])
-    p, r, f, _ = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average=None, zero_division=0
-    )
-    scores = {}
-    for k in range(probs.shape[1]):
-        scores |= {f"{k}/precision": p[k], f"{k}/recall": r[k], f"{k}/f1": f[k]}
-    return {key: float(v) for key, v in scores.items()}
-
-
-def class_bootstrap_ci(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    classes: list[str],
-    n_resamples: int,
-    seed: int,
-    multilabel: bool = False,
-) -> dict[str, dict[str, list[float]]]:
-    """Per-class 95% intervals of precision, recall and F1: {class: {metric: [lo, hi]}}."""
-    keys = tuple(f"{k}/{m}" for k in range(len(classes)) for m in CLASS_CI_KEYS)
-    summary = partial(class_scores, multilabel=multilabel)
-    ci = bootstrap_ci(y_true, probs, n_resamples, seed, keys=keys, summary=summary)
-    return {
-        name: {m: ci[f"{k}/{m}"] for m in CLASS_CI_KEYS if f"{k}/{m}" in ci}
-        for k, name in enumerate(classes)
-    }
-
-
-def summarize_accuracy(
-    y_true: np.ndarray, probs: np.ndarray, multilabel: bool = False, threshold: float = 0.5
-) -> dict[str, float]:
-    """{"accuracy": share of correct images} (multi-label: exact match); cheap to bootstrap."""
-    if multilabel:
-        correct = ((probs >= threshold) == (y_true == 1)).all(axis=1)
-    else:
-        correct = probs.argmax(axis=1) == y_true
-    return {"accuracy": float(correct.mean())}

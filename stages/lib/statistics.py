@@ -11,12 +11,16 @@ weighted metrics equal `stages.lib.metrics.summarize` on the repeated images
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
+from sklearn import metrics as skm
+from tqdm import tqdm
 
-from stages.lib.metrics import SUMMARY_KEYS
+from stages.lib.metrics import CLASS_CI_KEYS, SUMMARY_KEYS, summarize
 
 CHUNK_RESAMPLES = 250  # resamples per block: bounds memory at ~CHUNK * N * 8 bytes per array
 
@@ -200,12 +204,57 @@ def resampled_metrics(
     return {k: np.concatenate([b[k] for b in blocks]) for k in keys}
 
 
-def percentile_interval(values: np.ndarray) -> list[float] | None:
-    """Percentile 95% interval [lo, hi] over the defined (non-NaN) values; None if none."""
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """Percentile interval [lo, hi] (95% by default) over the defined (non-NaN) values;
+    None if none."""
     defined = values[~np.isnan(values)]
     if not len(defined):
         return None
-    return np.percentile(defined, [2.5, 97.5]).round(4).tolist()
+    tail = 50 * (1 - level)
+    return np.percentile(defined, [tail, 100 - tail]).round(4).tolist()
+
+
+def patient_groups(patient_ids: np.ndarray | None) -> np.ndarray | None:
+    """Patient ids to resample by, or None when there is nothing to cluster (no ids, or one
+    image per patient): the bootstrap is then the image bootstrap, and says so."""
+    if patient_ids is None:
+        return None
+    ids = np.asarray(patient_ids)
+    return ids if len(np.unique(ids)) < len(ids) else None
+
+
+CLASS_KEYS = ("precision", "recall", "f1")
+
+
+def class_intervals(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    groups: np.ndarray | None,
+    n_resamples: int,
+    seed: int,
+) -> list[dict[str, list[float]]]:
+    """Per class (in column order) 95% intervals of precision, recall and F1 over patient
+    resamples, from the resamples' confusion matrices (no loop per resample)."""
+    y_true = check_labels(y_true, probs)
+    n_classes = probs.shape[1]
+    counts = cluster_bootstrap_counts(groups, len(y_true), n_resamples, seed)
+    pred = probs.argmax(axis=1)
+    draws: dict[str, list[np.ndarray]] = {k: [] for k in CLASS_KEYS}
+    for start in range(0, len(counts), CHUNK_RESAMPLES):
+        confusion = confusion_matrices(
+            y_true, pred, counts[start : start + CHUNK_RESAMPLES], n_classes
+        )
+        tp = np.diagonal(confusion, axis1=1, axis2=2)  # (R, K)
+        true, predicted = confusion.sum(axis=2), confusion.sum(axis=1)
+        draws["precision"].append(_divide(tp, predicted, 0.0))  # zero_division=0, as sklearn
+        draws["recall"].append(_divide(tp, true, 0.0))
+        draws["f1"].append(_divide(2 * tp, true + predicted, 0.0))
+    stacked = {k: np.concatenate(v) for k, v in draws.items()}
+    intervals = []
+    for k in range(n_classes):
+        cells = {m: percentile_interval(stacked[m][:, k]) for m in CLASS_KEYS}
+        intervals.append({m: ci for m, ci in cells.items() if ci is not None})
+    return intervals
 
 
 def bootstrap_metrics(
@@ -243,6 +292,7 @@ def paired_bootstrap_difference(
     n_resamples: int,
     seed: int,
     keys: tuple[str, ...] = SUMMARY_KEYS,
+    level: float = 0.95,
 ) -> dict[str, dict]:
     """Head minus base on the same test images, with a paired 95% interval per metric.
 
@@ -262,7 +312,7 @@ def paired_bootstrap_difference(
     head_draws = resampled_metrics(y_true, probs_head, counts, keys)
     result = {}
     for k in keys:
-        ci = percentile_interval(head_draws[k] - base_draws[k])
+        ci = percentile_interval(head_draws[k] - base_draws[k], level)
         if ci is not None:
             b, h = float(base[k][0]), float(head[k][0])
             result[k] = {"base": round(b, 4), "head": round(h, 4), "difference": round(h - b, 4)}
@@ -363,3 +413,79 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult
     c = int((~correct_a & correct_b).sum())
     p_value = 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
     return McNemarResult(b, c, p_value)
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    n_resamples: int,
+    seed: int,
+    keys: tuple[str, ...] = SUMMARY_KEYS,
+    summary: Callable[[np.ndarray, np.ndarray], dict[str, float]] = summarize,
+    groups: np.ndarray | None = None,
+) -> dict[str, list[float]]:
+    """Percentile 95% intervals of any `summary` over patient resamples (images when
+    `groups` is None), one call per resample: for what has no weighted form here
+    (multi-label figures). Single-label headline figures: `bootstrap_metrics` (vectorised)."""
+    counts = cluster_bootstrap_counts(groups, len(y_true), n_resamples, seed)
+    order = np.arange(len(y_true))
+    draws: dict[str, list[float]] = {k: [] for k in keys}
+    for row in tqdm(counts, desc="bootstrap", leave=False, mininterval=1):
+        idx = np.repeat(order, row)
+        values = summary(y_true[idx], probs[idx])
+        for k in keys:
+            draws[k].append(values[k])
+    intervals = {k: percentile_interval(np.asarray(v, float)) for k, v in draws.items()}
+    return {k: ci for k, ci in intervals.items() if ci is not None}
+
+
+def class_scores(
+    y_true: np.ndarray, probs: np.ndarray, multilabel: bool = False, threshold: float = 0.5
+) -> dict[str, float]:
+    """Precision, recall and F1 of every class, flat as "<class index>/<metric>".
+
+    The same figures as `per_class` / `per_label`, without the ranking metrics, so that
+    `bootstrap_ci` can resample them cheaply.
+    """
+    if multilabel:
+        y_pred, y_true = (probs >= threshold).astype(int), y_true.astype(int)
+        labels = None  # multi-hot targets: one binary score per column
+    else:
+        y_pred, labels = probs.argmax(axis=1), np.arange(probs.shape[1])
+    p, r, f, _ = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, zero_division=0
+    )
+    scores = {}
+    for k in range(probs.shape[1]):
+        scores |= {f"{k}/precision": p[k], f"{k}/recall": r[k], f"{k}/f1": f[k]}
+    return {key: float(v) for key, v in scores.items()}
+
+
+def class_bootstrap_ci(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    n_resamples: int,
+    seed: int,
+    multilabel: bool = False,
+    groups: np.ndarray | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Per-class 95% intervals of precision, recall and F1: {class: {metric: [lo, hi]}}."""
+    keys = tuple(f"{k}/{m}" for k in range(len(classes)) for m in CLASS_CI_KEYS)
+    summary = partial(class_scores, multilabel=multilabel)
+    ci = bootstrap_ci(y_true, probs, n_resamples, seed, keys, summary, groups)
+    return {
+        name: {m: ci[f"{k}/{m}"] for m in CLASS_CI_KEYS if f"{k}/{m}" in ci}
+        for k, name in enumerate(classes)
+    }
+
+
+def summarize_accuracy(
+    y_true: np.ndarray, probs: np.ndarray, multilabel: bool = False, threshold: float = 0.5
+) -> dict[str, float]:
+    """{"accuracy": share of correct images} (multi-label: exact match); cheap to bootstrap."""
+    if multilabel:
+        correct = ((probs >= threshold) == (y_true == 1)).all(axis=1)
+    else:
+        correct = probs.argmax(axis=1) == y_true
+    return {"accuracy": float(correct.mean())}
