@@ -190,27 +190,39 @@ def compare(
     _run(lambda: stage.run(out, metric, param))
 
 
+@app.command("diff")
+def diff(
+    base: str = typer.Argument(..., help="Git revision of the base run (e.g. main)."),
+    head: str | None = typer.Argument(None, help="Git revision of the head (default: workspace)."),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Paired comparison of two runs on the same test images: differences with patient-level
+    bootstrap intervals, McNemar for accuracy, DeLong for ROC-AUC."""
+    from stages.tools import diff as tool
+
+    p = _params(params_file)
+    level = p.report.gate_level
+    _run(lambda: tool.run(base, head, p.evaluate.bootstrap, p.evaluate.seed, level, Path(".")))
+
+
 @app.command("pr-summary")
 def pr_summary(
     base: str = typer.Option("main", help="Git revision to compare against."),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Markdown of metrics/params diffs against BASE; exit 1 if report.gate_metric drops."""
+    """Markdown for a pull request: paired results, metrics and params diffs against BASE;
+    exit 1 if report.gate_metric drops beyond report.gate_tolerance and beyond noise."""
     from stages.tools import review
 
     p = _params(params_file)
     try:
-        markdown, gate = review.summarize(Path("."), base, p.report)
-    except ToolFailed as exc:
+        markdown, gate = review.summarize(Path("."), base, p.report, p.evaluate)
+    except (ToolFailed, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(markdown)
     if not gate.passed:
-        typer.echo(
-            f"pr-summary: {gate.metric} dropped from {gate.old} to {gate.new}, more "
-            f"than report.gate_tolerance {gate.tolerance}",
-            err=True,
-        )
+        typer.echo(f"pr-summary: gate failed: {gate.describe(p.report.gate_level)}", err=True)
         raise typer.Exit(1)
 
 

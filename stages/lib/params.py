@@ -458,6 +458,13 @@ class ReportParams(Section):
     gate_tolerance: float = Field(
         0.02, ge=0.0, description="Largest tolerated drop of gate_metric against the base."
     )
+    gate_level: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1.0,
+        description="Confidence of the paired interval: the gate fails only when the drop "
+        "exceeds gate_tolerance and this interval of the difference excludes zero.",
+    )
 
 
 class Params(Section):
