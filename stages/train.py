@@ -29,7 +29,7 @@ from stages.lib.training import fit, load_split
 
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
 # metrics/train.json; the timings (hardware figures) go to metrics/detail/train.json
-HEADLINE = ("best_epoch", "epochs_run", "device", "processes")
+HEADLINE = ("best_epoch", "epochs_run", "device", "processes", "hardware")
 
 
 def build_meta(
@@ -75,6 +75,7 @@ def summarize(history: list[dict], params: TrainParams, info: DistInfo, seconds:
         "images_per_second": round(images / sum(r["epoch_seconds"] for r in history), 1),
         "device": select_device(params.device).type,
         "processes": info.world,
+        "hardware": runtime.hardware(select_device(params.device)),
     }
 
 
@@ -108,6 +109,7 @@ def run(
     start = time.perf_counter()
     info = runtime.dist_info()
     torch.manual_seed(params.seed)
+    runtime.set_deterministic(params.deterministic)
     set_threads(info)
     train_x, train_y, data_meta = load_split(processed_dir, "train")
     val_x, val_y, _ = load_split(processed_dir, "val")

@@ -1,3 +1,4 @@
+import json
 import signal
 import subprocess
 import time
@@ -400,3 +401,21 @@ def test_loader_workers_do_not_change_the_trained_weights():
         training.fit(model, separable_data(64), separable_data(16, seed=1), meta, params, aug, 0)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_train_json_records_the_hardware_and_deterministic_switch(tmp_path, monkeypatch):
+    """A reviewer sees which machine produced a run (results move across CPUs)."""
+    processed = write_processed(tmp_path, ["a", "b"])
+    metrics_file = tmp_path / "metrics/train.json"
+    params = TrainParams(epochs=1, batch_size=16, warmup_epochs=0, deterministic=True)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: seen.append(on))
+    seen: list[bool] = []
+    out = {k: tmp_path / k for k in ("model.pt", "plots", "last.pt", "dvclive")}
+    train.run(
+        ModelParams(name="resnet10t"), params, NO_AUG, processed, out["model.pt"],
+        metrics_file, out["plots"], out["last.pt"], out["dvclive"],
+    )  # fmt: skip
+    assert seen == [True]
+    hardware = json.loads(metrics_file.read_text())["hardware"]  # headline: diffs show it
+    assert hardware["torch"] == torch.__version__ and hardware["threads"] >= 1
+    assert hardware["cpu"] and hardware["cpu_capability"]

@@ -365,6 +365,11 @@ class TrainParams(Section):
         0, ge=0, le=64, description="DataLoader worker processes.", json_schema_extra=OPERATIONAL
     )
     compile: bool = Field(False, description="torch.compile the model (worth it on GPU).")
+    deterministic: bool = Field(
+        False,
+        description="torch.use_deterministic_algorithms: bit-identical GPU reruns at some "
+        "speed cost (CPU runs are deterministic already).",
+    )
     nproc_per_node: int = Field(
         1,
         ge=1,

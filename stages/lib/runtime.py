@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import random
 import signal
 import sys
@@ -183,3 +184,34 @@ def load_resume(path: Path, expected: str, remove_stale: bool = True) -> dict[st
     if remove_stale:
         path.unlink(missing_ok=True)
     return None
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    """What produced a run, for a reviewer comparing runs: results differ across CPUs and
+    GPUs (float rounding), so a difference between two machines may be no difference."""
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo on Linux, else what the platform module says)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels on GPU (cuBLAS needs a fixed workspace for that)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
