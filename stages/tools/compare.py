@@ -14,15 +14,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import yaml
+from scipy import stats
 
 from stages.lib.io import atomic_path
-from stages.lib.page import Page, render
+from stages.lib.page import Page, render, table
 
 HISTORY_FILE = "plots/train/history.csv"
+SEED_PARAMS = ("train.seed", "params.yaml:train.seed")  # runs differing only here: seed noise
 MAIN_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
 SORT_JS = """
 document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click',
@@ -91,6 +94,68 @@ def changed_params(frame: pd.DataFrame, keys: set[str]) -> list[str]:
     return [c for c in params if frame[c].astype(str).nunique() > 1]
 
 
+def drop_workspace_copy(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Without the workspace row when it only repeats a run (after `dvc exp run`, the
+    workspace holds the last experiment's results): one run must not count twice."""
+    is_workspace = frame["name"] == "workspace"
+    if not is_workspace.any():
+        return frame
+    keys = frame[columns].astype(str).agg("|".join, axis=1)
+    repeated = keys[is_workspace].isin(set(keys[~is_workspace]))
+    return frame.drop(index=repeated[repeated].index)
+
+
+def seed_column(params: list[str]) -> str | None:
+    return next((c for c in params if c in SEED_PARAMS), None)
+
+
+def verdict(rank: int, p_value: float) -> str:
+    if rank == 0:
+        return "best"
+    if np.isnan(p_value):
+        return "not tested (one seed)"
+    return "worse beyond seed noise" if p_value < 0.05 else "within seed noise"
+
+
+def mean_interval(runs: np.ndarray) -> tuple[float, float, float]:
+    """Mean, sd and the half-width of the 95% t-interval of the mean (NaN for one run)."""
+    mean = float(np.mean(runs))
+    if len(runs) < 2:
+        return mean, 0.0, float("nan")
+    sd = float(np.std(runs, ddof=1))
+    return mean, sd, float(stats.t.ppf(0.975, len(runs) - 1) * sd / np.sqrt(len(runs)))
+
+
+def seed_summary(frame: pd.DataFrame, params: list[str], metric_col: str) -> pd.DataFrame | None:
+    """Runs that differ only in train.seed, as one setting: seeds, mean, sd and a 95%
+    t-interval of the mean per setting, and whether the setting differs from the best one
+    beyond seed noise (Welch's t-test, p < 0.05). None when no seed varies."""
+    seed = seed_column(params)
+    if seed is None:
+        return None
+    settings = [p for p in params if p != seed]
+    values = pd.to_numeric(frame[metric_col], errors="coerce")
+    label = frame[settings].map(param_text).agg(", ".join, axis=1) if settings else "all runs"
+    groups = {name: values[label == name].dropna().to_numpy() for name in pd.unique(label)}
+    rows = []
+    for name, runs in groups.items():
+        mean, sd, half = mean_interval(runs)
+        rows.append({"setting": name, "seeds": len(runs), "mean": mean, "sd": sd})
+        rows[-1] |= {"ci_low": mean - half, "ci_high": mean + half}
+    summary = pd.DataFrame(rows).sort_values("mean", ascending=False, ignore_index=True)
+    best_name = summary.loc[0, "setting"]
+    best = groups[best_name]
+    summary["p_vs_best"] = [
+        float(stats.ttest_ind(groups[s], best, equal_var=False).pvalue)
+        if s != best_name and len(groups[s]) > 1 and len(best) > 1
+        else float("nan")
+        for s in summary["setting"]
+    ]
+    summary["verdict"] = [verdict(i, p) for i, p in enumerate(summary["p_vs_best"])]
+    summary.attrs["settings"] = ", ".join(settings) or "(none)"
+    return summary
+
+
 def read_history(repo: Path, rev: str) -> pd.DataFrame | None:
     """An experiment's per-epoch history from its git commit (the workspace from disk)."""
     if rev == "workspace":
@@ -131,6 +196,19 @@ def experiment_table(frame: pd.DataFrame, params: list[str], metrics: list[str])
     )
 
 
+def seed_section(page: Page, seeds: pd.DataFrame, metric: str) -> None:
+    """Mean, sd and interval across seeds per setting; which settings differ from the best
+    beyond seed noise."""
+    page.section("seeds", f"{metric} across seeds")
+    page.add(
+        "<p>Runs that differ only in train.seed are one setting "
+        f"({html.escape(seeds.attrs['settings'])}). Interval: 95% t-interval of the mean over "
+        "seeds; p: Welch's t-test against the best setting. A setting is worse only when "
+        "p &lt; 0.05: otherwise its difference is the size of the noise between seeds.</p>"
+    )
+    page.add(table(seeds.round(4)))
+
+
 def build_page(frame: pd.DataFrame, repo: Path, metric: str, param: str | None) -> str:
     page = Page()
     metric_col = metric_column(frame, metric)
@@ -142,6 +220,10 @@ def build_page(frame: pd.DataFrame, repo: Path, metric: str, param: str | None) 
         f"{html.escape(', '.join(params) or 'none')}. Click a header to sort.</p>"
     )
     page.add(experiment_table(frame, params, metrics))
+    seeds = seed_summary(frame, params, metric_col)
+    if seeds is not None:
+        seed_section(page, seeds, metric)
+        params = [p for p in params if p != seed_column(params)]
     x = param or (params[0] if params else None)
     if x is not None:
         if x not in frame.columns:
@@ -153,8 +235,23 @@ def build_page(frame: pd.DataFrame, repo: Path, metric: str, param: str | None) 
         log_x = values is not None and (values > 0).all() and values.max() >= 10 * values.min()
         if values is not None:
             data = data.assign(**{x: values})
-        chart = px.scatter(data, x=x, y=metric_col, text="name", log_x=log_x)
-        chart.update_traces(textposition="top center", marker={"size": 10})
+        if seeds is None:
+            chart = px.scatter(data, x=x, y=metric_col, text="name", log_x=log_x)
+            chart.update_traces(textposition="top center", marker={"size": 10})
+        else:  # every seed as a point, the seed mean with its 95% interval as error bars
+            chart = px.strip(data, x=x, y=metric_col, hover_name="name")
+            grouped = data.groupby(x)[metric_col]
+            means = grouped.mean().reset_index()
+            half = [mean_interval(runs.to_numpy())[2] for _, runs in grouped]
+            chart.add_scatter(
+                x=means[x],
+                y=means[metric_col],
+                error_y={"array": half},
+                mode="markers+lines",
+                name="seed mean, 95% interval",
+            )
+            if log_x:
+                chart.update_xaxes(type="log")
         chart.update_layout(height=420, yaxis_title=metric)
         page.figure(chart, "metric-vs-param")
     page.section("curves", "Validation curves")
@@ -185,12 +282,18 @@ def run(
 ) -> str:
     start = time.perf_counter()
     frame = load_experiments(repo)
+    params = changed_params(frame, param_keys(repo))
+    frame = drop_workspace_copy(frame, [*params, metric_column(frame, metric)])
     page = build_page(frame, repo, metric, param)
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
-    best = frame.loc[pd.to_numeric(frame[metric_column(frame, metric)], errors="coerce").idxmax()]
-    return (
-        f"compare: {len(frame)} runs -> {out}; best {metric} "
-        f"{float(best[metric_column(frame, metric)]):.4f} ({best['name']}) "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    seeds = seed_summary(frame, params, metric_column(frame, metric))
+    if seeds is not None:  # rank settings by their seed mean, never single runs
+        top = seeds.iloc[0]
+        best = f"best setting {top['setting']}: {metric} {top['mean']:.4f} ± {top['sd']:.4f} sd "
+        best += f"over {top['seeds']} seeds"
+    else:
+        values = pd.to_numeric(frame[metric_column(frame, metric)], errors="coerce")
+        row = frame.loc[values.idxmax()]
+        best = f"best {metric} {values.max():.4f} ({row['name']})"
+    return f"compare: {len(frame)} runs -> {out}; {best} in {time.perf_counter() - start:.1f} s"

@@ -1,0 +1,52 @@
+"""`medpipe compare`: seed repeats are one setting, ranked by their mean, with seed noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from stages.tools import compare
+
+
+def runs(values: dict[float, list[float]]) -> pd.DataFrame:
+    rows = [
+        {"name": f"exp{lr}-{seed}", "rev": f"r{lr}{seed}", "train.lr": lr, "train.seed": seed,
+         "f1_macro": f1}
+        for lr, scores in values.items()
+        for seed, f1 in enumerate(scores)
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_seed_repeats_become_one_setting_with_mean_sd_and_interval():
+    frame = runs({0.001: [0.70, 0.72, 0.71], 0.005: [0.86, 0.85, 0.87], 0.01: [0.84, 0.88, 0.83]})
+    table = compare.seed_summary(frame, ["train.lr", "train.seed"], "f1_macro")
+    assert table["setting"].tolist() == ["0.005", "0.01", "0.001"]  # by seed mean
+    best = table.iloc[0]
+    assert best["seeds"] == 3 and np.isclose(best["mean"], 0.86)
+    assert np.isclose(best["sd"], np.std([0.86, 0.85, 0.87], ddof=1))
+    half = stats.t.ppf(0.975, 2) * best["sd"] / np.sqrt(3)
+    assert np.isclose(best["ci_high"] - best["mean"], half)
+    verdicts = dict(zip(table["setting"], table["verdict"], strict=True))
+    assert verdicts == {
+        "0.005": "best",
+        "0.01": "within seed noise",  # 0.85 vs 0.86: the size of the seed noise
+        "0.001": "worse beyond seed noise",
+    }
+
+
+def test_no_seed_grid_means_no_seed_table():
+    frame = runs({0.001: [0.7], 0.005: [0.8]}).drop(columns="train.seed")
+    assert compare.seed_summary(frame, ["train.lr"], "f1_macro") is None
+
+
+def test_workspace_that_repeats_a_run_is_dropped():
+    frame = runs({0.001: [0.7], 0.005: [0.8]})
+    copy = frame.iloc[[1]].assign(name="workspace", rev="workspace")
+    own = frame.iloc[[0]].assign(name="workspace", rev="workspace", f1_macro=0.9)
+    columns = ["train.lr", "train.seed", "f1_macro"]
+    kept = compare.drop_workspace_copy(pd.concat([frame, copy], ignore_index=True), columns)
+    assert "workspace" not in kept["name"].tolist() and len(kept) == 2
+    kept = compare.drop_workspace_copy(pd.concat([frame, own], ignore_index=True), columns)
+    assert "workspace" in kept["name"].tolist()  # uncommitted results of its own count
