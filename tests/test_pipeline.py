@@ -200,3 +200,15 @@ def test_experiment_table_fits_a_terminal(repo, env):
     assert "…" not in table  # nothing cut
     width = max(len(line.rstrip()) for line in table.splitlines())
     assert width <= 200, f"{width} columns:\n{table}"
+
+
+def test_pull_request_with_another_seed_passes_the_gate(repo, env):
+    """A harmless change (another train.seed) against the baseline commit: the runs are
+    paired on the same test images and the gate passes (within noise)."""
+    sh(repo, env, "git", "checkout", "-q", "--", ".")
+    sh(repo, env, "dvc", "exp", "run", "-S", "train.seed=1")
+    out = sh(repo, env, "medpipe", "pr-summary", "--base", "main")
+    assert out.startswith("## medpipe: results against `main`")
+    assert "✅ **f1_macro**" in out and "paired interval" in out
+    assert "Paired on the same" in out and "| f1_macro |" in out
+    assert "### Hardware-dependent figures" in out
