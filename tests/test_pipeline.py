@@ -190,18 +190,6 @@ def test_queued_experiments_both_run(repo, env):
     assert all(0 <= runs[lr] <= 1 for lr in (0.01, 0.02))
 
 
-def test_experiment_table_fits_a_terminal(repo, env):
-    """The README's table command over the runs so far (lr 0.005, 0.01, 0.02, size 24):
-    headline metrics only, so it fits 200 columns."""
-    wide = {**env, "COLUMNS": "1000"}  # measure the table's own width, not a squeezed one
-    command = ("dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", "Created|.*/")
-    table = sh(repo, wide, *command)
-    assert "train.lr" in table and "f1_macro" in table and "accuracy" in table
-    assert "…" not in table  # nothing cut
-    width = max(len(line.rstrip()) for line in table.splitlines())
-    assert width <= 200, f"{width} columns:\n{table}"
-
-
 def test_pull_request_with_another_seed_passes_the_gate(repo, env):
     """A harmless change (another train.seed) against the baseline commit: the runs are
     paired on the same test images and the gate passes (within noise)."""
@@ -212,3 +200,31 @@ def test_pull_request_with_another_seed_passes_the_gate(repo, env):
     assert "✅ **f1_macro**" in out and "paired interval" in out
     assert "Paired on the same" in out and "| f1_macro |" in out
     assert "### Hardware-dependent figures" in out
+
+
+def test_ablation_table_fits_a_terminal(repo, env):
+    """The README's table command over a seeded learning-rate ablation: headline metrics
+    only, so it fits 200 columns."""
+    sh(repo, env, "dvc", "exp", "remove", "--all-commits")
+    sh(repo, env, "git", "checkout", "-q", "--", ".")
+    sh(
+        repo,
+        env,
+        "dvc",
+        "exp",
+        "run",
+        "--queue",
+        "-S",
+        "train.lr=0.005,0.01",
+        "-S",
+        "train.seed=0,1",
+    )
+    sh(repo, env, "dvc", "exp", "run", "--run-all", "-j", "1")
+    wide = {**env, "COLUMNS": "1000"}  # measure the table's own width, not a squeezed one
+    drop = "Created|State|Executor|.*/"
+    table = sh(repo, wide, "dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", drop)
+    assert "train.lr" in table and "f1_macro" in table and "accuracy" in table
+    assert table.count("[") >= 4  # the four runs are listed
+    assert "…" not in table  # nothing cut
+    width = max(len(line.rstrip()) for line in table.splitlines())
+    assert width <= 200, f"{width} columns:\n{table}"
