@@ -183,11 +183,19 @@ def compare(
     out: Path = typer.Option(paths.COMPARE, help="HTML page to write."),
     metric: str = typer.Option("f1_macro", help="Metric to compare (a key of evaluate.json)."),
     param: str | None = typer.Option(None, help="Param for the x axis (default: first changed)."),
+    rev: list[str] | None = typer.Option(
+        None, "--rev", help="Experiments derived from this commit (repeatable; default HEAD)."
+    ),
+    num: int = typer.Option(1, "-n", "--num", help="Also the N-1 commits before each --rev."),
+    all_commits: bool = typer.Option(
+        False, "-A", "--all-commits", help="Experiments of every commit (as dvc exp show -A)."
+    ),
 ) -> None:
-    """Compare DVC experiments on one page: table, metric vs param, curves, parallel plot."""
+    """Compare DVC experiments on one page: table, seed means, metric vs param, curves."""
     from stages.tools import compare as stage
 
-    _run(lambda: stage.run(out, metric, param))
+    revs, n = list(rev or []), -1 if all_commits else num
+    _run(lambda: stage.run(out, metric, param, Path("."), revs, n))
 
 
 @app.command("diff")

@@ -228,3 +228,19 @@ def test_ablation_table_fits_a_terminal(repo, env):
     assert "…" not in table  # nothing cut
     width = max(len(line.rstrip()) for line in table.splitlines())
     assert width <= 200, f"{width} columns:\n{table}"
+
+
+def test_compare_reaches_experiments_of_earlier_commits(repo, env):
+    """Runs made before a commit stay reachable: --all-commits, --rev, -n."""
+    sh(repo, env, "git", "checkout", "-q", "--", ".")
+    sh(repo, env, "git", "commit", "-q", "--allow-empty", "-m", "a later commit")
+
+    def count(*flags: str) -> int:
+        out = sh(repo, env, "medpipe", "compare", "--out", "reports/c.html", *flags)
+        return int(re.search(r"^compare: (\d+) runs", out, re.M).group(1))
+
+    assert count() == 1  # the new commit (the workspace only repeats it)
+    with_history = count("--all-commits")
+    assert with_history >= 6  # the seeded lr grid of the commit before
+    assert count("-n", "2") == with_history
+    assert count("--rev", "HEAD~1") == with_history - 1  # the grid and its baseline

@@ -37,11 +37,16 @@ const n = parseFloat(t); return isNaN(n) ? t : n; };
 """
 
 
-def load_experiments(repo: Path | str = ".") -> pd.DataFrame:
-    """One row per experiment (baseline and workspace included), DVC's column names."""
+def load_experiments(
+    repo: Path | str = ".", revs: list[str] | None = None, num: int = 1
+) -> pd.DataFrame:
+    """One row per experiment (baselines and workspace included), DVC's column names:
+    those derived from `revs` (default HEAD) and the `num` commits before each (-1: all
+    first-parent commits), as `dvc exp show --rev/-n/--all-commits` choose them."""
     import dvc.api
 
-    rows = [r for r in dvc.api.exp_show(repo=str(repo)) if r.get("State") != "Queued"]
+    found = dvc.api.exp_show(repo=str(repo), revs=revs or None, num=num)
+    rows = [r for r in found if r.get("State") != "Queued"]
     if not rows:
         raise ValueError(f"{repo}: no experiments found (run `dvc exp run` first)")
     frame = pd.DataFrame(rows)
@@ -278,10 +283,15 @@ def build_page(frame: pd.DataFrame, repo: Path, metric: str, param: str | None) 
 
 
 def run(
-    out: Path, metric: str = "f1_macro", param: str | None = None, repo: Path = Path(".")
+    out: Path,
+    metric: str = "f1_macro",
+    param: str | None = None,
+    repo: Path = Path("."),
+    revs: list[str] | None = None,
+    num: int = 1,
 ) -> str:
     start = time.perf_counter()
-    frame = load_experiments(repo)
+    frame = load_experiments(repo, revs, num)
     params = changed_params(frame, param_keys(repo))
     frame = drop_workspace_copy(frame, [*params, metric_column(frame, metric)])
     page = build_page(frame, repo, metric, param)
