@@ -50,3 +50,14 @@ def test_workspace_that_repeats_a_run_is_dropped():
     assert "workspace" not in kept["name"].tolist() and len(kept) == 2
     kept = compare.drop_workspace_copy(pd.concat([frame, own], ignore_index=True), columns)
     assert "workspace" in kept["name"].tolist()  # uncommitted results of its own count
+
+
+def test_an_experiment_repeating_its_baseline_counts_once():
+    frame = runs({0.002: [0.80, 0.82], 0.005: [0.85, 0.86]})
+    baseline = frame.iloc[[0]].assign(name="main", rev="main")  # the grid re-ran it
+    workspace = baseline.assign(name="workspace", rev="workspace")  # and the workspace too
+    rows = pd.concat([workspace, baseline, frame], ignore_index=True)
+    kept = compare.drop_workspace_copy(rows, ["train.lr", "train.seed", "f1_macro"])
+    assert len(kept) == 4 and "main" in kept["name"].tolist()
+    table = compare.seed_summary(kept, ["train.lr", "train.seed"], "f1_macro")
+    assert table.set_index("setting")["seeds"].to_dict() == {"0.005": 2, "0.002": 2}

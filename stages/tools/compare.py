@@ -100,14 +100,16 @@ def changed_params(frame: pd.DataFrame, keys: set[str]) -> list[str]:
 
 
 def drop_workspace_copy(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Without the workspace row when it only repeats a run (after `dvc exp run`, the
-    workspace holds the last experiment's results): one run must not count twice."""
-    is_workspace = frame["name"] == "workspace"
-    if not is_workspace.any():
-        return frame
+    """Each run once: without the workspace row when it only repeats a run (after `dvc exp
+    run` the workspace holds the last experiment's results), and without an experiment that
+    repeats its baseline (same params, same result: the same run, e.g. the baseline's own
+    params queued again in a grid)."""
     keys = frame[columns].astype(str).agg("|".join, axis=1)
-    repeated = keys[is_workspace].isin(set(keys[~is_workspace]))
-    return frame.drop(index=repeated[repeated].index)
+    is_workspace = frame["name"] == "workspace"
+    repeated = is_workspace & keys.isin(set(keys[~is_workspace]))
+    runs = keys[~is_workspace]
+    repeated |= runs.duplicated().reindex(keys.index, fill_value=False)
+    return frame.loc[~repeated]
 
 
 def seed_column(params: list[str]) -> str | None:
