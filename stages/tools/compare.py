@@ -213,7 +213,7 @@ def seed_section(page: Page, seeds: pd.DataFrame, metric: str) -> None:
         "seeds; p: Welch's t-test against the best setting. A setting is worse only when "
         "p &lt; 0.05: otherwise its difference is the size of the noise between seeds.</p>"
     )
-    page.add(table(seeds.round(4)))
+    page.add(table(seeds.round(4).astype(object).fillna("—")))  # no p for the best
 
 
 def build_page(frame: pd.DataFrame, repo: Path, metric: str, param: str | None) -> str:
