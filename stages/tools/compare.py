@@ -236,7 +236,8 @@ def build_page(frame: pd.DataFrame, repo: Path, metric: str, param: str | None) 
         if x not in frame.columns:
             raise ValueError(f"param {x!r} not in the experiments; changed params: {params}")
         page.section("ablation", f"{metric} vs {x}")
-        data = frame.dropna(subset=[metric_col])
+        scores = pd.to_numeric(frame[metric_col], errors="coerce")  # "-" where a run has none
+        data = frame.assign(**{metric_col: scores}).dropna(subset=[metric_col])
         values = as_numbers(data[x])
         # learning rates span decades: a log axis when a positive param does too
         log_x = values is not None and (values > 0).all() and values.max() >= 10 * values.min()
