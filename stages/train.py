@@ -18,14 +18,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dvclive import Live
 from stages.lib import paths, pipeline, runtime
 from stages.lib.checkpoint import ModelMeta
 from stages.lib.io import atomic_dir, write_csv, write_result
 from stages.lib.models import build_model, pretrained_norm, save_checkpoint, select_device
 from stages.lib.params import AugmentParams, ModelParams, TrainParams
 from stages.lib.runtime import DistInfo
-from stages.lib.training import fit, load_split
+from stages.lib.training import fit, load_split, open_live
 
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
 # metrics/train.json; the timings (hardware figures) go to metrics/detail/train.json
@@ -129,7 +128,7 @@ def run(
     try:
         with runtime.sigterm_as_exit(), outputs as tmp:
             # DVCLive writes each epoch as it ends (live view), not through the atomic folder
-            live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) if tmp else None
+            live = open_live(live_dir) if tmp else None
             best_state, history = fit(
                 model,
                 (train_x, train_y),

@@ -141,6 +141,26 @@ def build_loader(
     )
 
 
+class FilesOnlyLive(Live):
+    """DVCLive writing its files, without its repository integration.
+
+    medpipe declares DVCLive's files in dvc.yaml (`dvcyaml=False`) and saves no experiment
+    of its own (`save_dvc_exp=False`), so that integration has nothing to do here, and it
+    fails or surprises: in a git repository without a commit (`git init; dvc init; dvc
+    repro` before the first commit) it raises scmrepo's "Empty git repo" (its check for no
+    commits comes after asking for the commit, dvclive 3.x), and in a git repository
+    without DVC it runs `dvc init`.
+    """
+
+    def _init_dvc(self) -> None:
+        self._dvc_file = "dvc.yaml"  # never written: dvcyaml=False
+        self._save_dvc_exp = False
+
+
+def open_live(path: Path) -> Live:
+    return FilesOnlyLive(str(path), dvcyaml=False, save_dvc_exp=False)
+
+
 def log_row(live: Live | None, row: dict, monitor: str) -> None:
     """One DVCLive step: the losses and the monitored metric, for live plots while training
     runs (the full row is in history.csv)."""
