@@ -150,7 +150,7 @@ def build_folder(params: DataParams, out: Path, root: Path | None = None) -> Raw
     }
     raw = from_files(frame, out, card, "set data.patient_regex")
     if empty:  # a class folder without files is no class: say so instead of dropping it
-        raw.notes.append(f"NOTE: {len(empty)} empty class folder(s) skipped: {', '.join(empty)}")
+        raw.notes.append(f"NOTE: {len(empty)} empty folder(s) ignored: {', '.join(empty)}")
     return raw
 
 

@@ -61,3 +61,9 @@ def test_an_experiment_repeating_its_baseline_counts_once():
     assert len(kept) == 4 and "main" in kept["name"].tolist()
     table = compare.seed_summary(kept, ["train.lr", "train.seed"], "f1_macro")
     assert table.set_index("setting")["seeds"].to_dict() == {"0.005": 2, "0.002": 2}
+
+
+def test_a_grid_of_seeds_alone_is_one_setting():
+    frame = runs({0.002: [0.80, 0.82, 0.81]})
+    table = compare.seed_summary(frame, ["train.seed"], "f1_macro")
+    assert table["setting"].tolist() == ["all runs"] and table["seeds"].tolist() == [3]

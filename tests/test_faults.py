@@ -348,7 +348,7 @@ def test_empty_class_folders_and_links_leaving_the_tree_are_reported(tmp_path):
     (root / "NORMAL" / "link.png").symlink_to(outside)
     params = DataParams(source="folder", path=str(root))
     line = download.run(params, tmp_path / "raw")
-    assert "NOTE: 1 empty class folder(s) skipped: COVID" in line
+    assert "NOTE: 1 empty folder(s) ignored: COVID" in line
     assert "1 rejected" in line
     rejected = pd.read_csv(tmp_path / "raw/rejected.csv")
     assert rejected["path"].tolist() == ["NORMAL/link.png"]

@@ -170,3 +170,19 @@ def test_model_scored_on_other_classes_is_a_clear_error():
     io.check_model_matches_data(model, dict(model), "data/processed")
     with pytest.raises(ValueError, match=r"classes \['b', 'a'\] differ .* rerun `medpipe train`"):
         io.check_model_matches_data(model, {"classes": ["b", "a"], "task": "binary"}, "p")
+
+
+def test_a_kill_between_the_two_renames_puts_the_previous_output_back(tmp_path):
+    """atomic_dir moves the old output to .<name>.old, then the new one in: a kill between
+    the two leaves only .old. The next run restores it before anything else."""
+    old = tmp_path / ".out.old"
+    old.mkdir()
+    (old / "kept.csv").write_text("previous")
+    io.remove_stale(tmp_path / "out")
+    assert (tmp_path / "out/kept.csv").read_text() == "previous" and not old.exists()
+
+
+def test_a_broken_link_where_a_folder_goes_is_named(tmp_path):
+    (tmp_path / "metrics").symlink_to(tmp_path / "unmounted")
+    with pytest.raises(NotADirectoryError, match="metrics is a broken link, not a folder"):
+        io.write_json(tmp_path / "metrics/x.json", {})

@@ -124,3 +124,14 @@ def test_gate_passes_on_noise_and_fails_on_a_real_drop(repo: Path, subprocess_en
     assert "gate failed: **f1_macro**" in done.stderr
     assert "95% paired interval [-" in done.stderr and "beyond noise" in done.stderr
     assert "| f1_macro |" in done.stdout and "| worse |" in done.stdout
+
+
+def test_diff_resamples_even_when_evaluate_intervals_are_off():
+    from stages.tools import diff
+
+    rng = np.random.default_rng(3)
+    base = predictions(60, rng.random(60) < 0.8, seed=1)
+    head = predictions(60, rng.random(60) < 0.8, seed=1)
+    result = diff.compare(base, head, n_resamples=0, seed=0)  # evaluate.bootstrap: 0
+    lo, hi = result.rows["f1_macro"]["ci"]
+    assert lo < hi  # a real interval, not one resample's single value

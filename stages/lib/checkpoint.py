@@ -114,7 +114,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if wanted:
             reason = f"it asks to import {wanted.group(1)}, which a weights file never needs"
-        elif isinstance(exc, pickle.UnpicklingError):
+        elif "Weights only load failed" in str(exc):
             reason = "it holds more than weights and plain data (loading it could run code)"
         else:
             reason = "it is not a readable PyTorch file (truncated, or another format)"

@@ -119,8 +119,9 @@ def fetch(url: str, known_hash: str, fname: str, cache: Path, retries: int) -> P
             time.sleep(min(attempt + 1, 10))  # as pooch waits between its own retries
         except ValueError as exc:  # pooch: hash mismatch; the bytes arrived, so it is final
             raise ValueError(
-                f"download {url}: the downloaded file does not have the expected hash (nothing "
-                f"was kept; a retry would fetch the same bytes): {exc}"
+                f"download {url}: the downloaded file does not have the expected hash; nothing "
+                f"was kept (check data.sha256, or that the server still serves that file; a "
+                f"rerun downloads it again): {exc}"
             ) from None
     raise AssertionError("unreachable")  # the loop returns or raises
 

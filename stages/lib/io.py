@@ -40,9 +40,17 @@ def make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next(p for p in reversed(path.parents) if p.exists() and not p.is_dir())
-        reason = f"{blocker} is a file, not a folder (move or delete it)"
+        blocker = next(
+            (p for p in reversed(path.parents) if p.is_symlink() or not p.is_dir()), path.parent
+        )
+        kind = "a broken link" if blocker.is_symlink() and not blocker.exists() else "a file"
+        reason = f"{blocker} is {kind}, not a folder (move or delete it)"
         raise NotADirectoryError(errno.ENOTDIR, reason, str(path)) from None
+
+
+# errors of writing bytes (a full disk or quota, a size limit, a read-only file system): when
+# they carry no file name, they are about the output being written
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 @contextlib.contextmanager
@@ -53,7 +61,8 @@ def naming_errors(path: Path, rename: bool = False) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno is None or (exc.filename is not None and not rename):
+        unnamed_write = exc.filename is None and exc.errno in WRITE_ERRORS
+        if exc.errno is None or not (rename or unnamed_write):
             raise
         raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
 
@@ -87,8 +96,10 @@ def remove(path: Path) -> None:
     def force(func: Callable, name: str, exc: BaseException) -> None:
         os.chmod(os.path.dirname(name) or ".", 0o700)  # a read-only parent blocks deletion
         if os.path.isdir(name) and not os.path.islink(name):
-            os.chmod(name, 0o700)
-        func(name)
+            os.chmod(name, 0o700)  # an unreadable folder cannot be listed
+            remove(Path(name))
+        else:
+            os.unlink(name)
 
     try:
         shutil.rmtree(path, onexc=force) if sys.version_info >= (3, 12) else shutil.rmtree(
@@ -104,11 +115,14 @@ def remove(path: Path) -> None:
 
 def remove_stale(path: Path) -> None:
     """Remove what an interrupted atomic write of `path` left beside it: `.<name>.*.tmp`
-    files or folders and `.<name>.old`. A stage runs under its lock (`stage_lock`), so no
-    other run is writing these."""
+    files or folders, and `.<name>.old` (put back when `path` itself is missing). A stage
+    runs under its lock (`stage_lock`), so no other run is writing these."""
     for leftover in path.parent.glob(f".{path.name}.*.tmp"):
         remove(leftover)
-    remove(path.with_name(f".{path.name}.old"))
+    old = path.with_name(f".{path.name}.old")
+    if (old.exists() or old.is_symlink()) and not (path.exists() or path.is_symlink()):
+        os.replace(old, path)  # killed between the two renames: the previous output is back
+    remove(old)
 
 
 @contextlib.contextmanager

@@ -6,13 +6,19 @@ their outputs (model.pt of one, history.csv of the other). DVC-launched runs are
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from stages.lib import paths
 from stages.lib.errors import Busy
+
+# errors of a file system that has no advisory locks at all (not a busy lock)
+NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 try:
     import fcntl
@@ -36,15 +42,9 @@ def stage_lock(stage: str, lock_dir: Path = paths.LOCKS) -> Iterator[None]:
     lock_dir.mkdir(parents=True, exist_ok=True)
     path = lock_dir / f"{stage}.lock"
     with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise Busy(
-                f"another `medpipe {stage}` is running in this workspace ({holder}); wait for "
-                f"it to finish or stop it, then run again (lock: {path})"
-            ) from None
+        if not acquire(handle, path, stage):  # a file system without locks: unguarded
+            yield
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -53,3 +53,30 @@ def stage_lock(stage: str, lock_dir: Path = paths.LOCKS) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def acquire(handle: TextIO, path: Path, stage: str) -> bool:
+    """Take the lock at once; False where the file system has no locks (NFS, SMB, Lustre
+    without flock), after a note on stderr.
+
+    Raises:
+        Busy: another process holds it, named from the lock file.
+    """
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise Busy(
+            f"another `medpipe {stage}` is running in this workspace ({holder}); wait for "
+            f"it to finish or stop it, then run again (lock: {path})"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in NO_LOCKS:
+            raise
+        print(
+            f"note: {path}: no file locks here ({exc.strerror}); runs are not guarded",
+            file=sys.stderr,
+        )
+        return False

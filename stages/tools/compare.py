@@ -142,7 +142,11 @@ def seed_summary(frame: pd.DataFrame, params: list[str], metric_col: str) -> pd.
         return None
     settings = [p for p in params if p != seed]
     values = pd.to_numeric(frame[metric_col], errors="coerce")
-    label = frame[settings].map(param_text).agg(", ".join, axis=1) if settings else "all runs"
+    label = (
+        frame[settings].map(param_text).agg(", ".join, axis=1)
+        if settings
+        else pd.Series("all runs", index=frame.index)  # only the seed varies: one setting
+    )
     groups = {name: values[label == name].dropna().to_numpy() for name in pd.unique(label)}
     rows = []
     for name, runs in groups.items():

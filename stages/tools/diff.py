@@ -24,6 +24,7 @@ from stages.lib.errors import ToolFailed
 from stages.lib.io import read_csv
 
 KEYS = metrics.SUMMARY_KEYS
+DEFAULT_RESAMPLES = 1000  # when evaluate.bootstrap is 0 (no intervals in evaluate), not here
 
 
 @dataclass
@@ -63,11 +64,17 @@ def prob_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c.startswith("prob_")]
 
 
+def multilabel(frame: pd.DataFrame) -> bool:
+    """Multi-label predictions: `|`-joined labels, or an image with no label at all."""
+    labels = frame["label"].astype(str)
+    return bool(labels.str.contains("|", regex=False).any() or (labels == "").any())
+
+
 def why_not_paired(base: pd.DataFrame, head: pd.DataFrame) -> str:
     """ "" when both runs scored the same images with the same labels and classes."""
     if prob_columns(base) != prob_columns(head):
         return f"other classes ({prob_columns(base)} vs {prob_columns(head)})"
-    if base["label"].str.contains("|", regex=False).any():
+    if multilabel(base) or multilabel(head):
         return "multi-label predictions: the paired tests are for single-label tasks"
     left, right = base.set_index("image"), head.set_index("image")
     if set(left.index) != set(right.index):
@@ -113,7 +120,7 @@ def compare(
     probs_head = head[columns].to_numpy(dtype=np.float64)
     groups = statistics.patient_groups(patients)
     rows = statistics.paired_bootstrap_difference(
-        y, probs_base, probs_head, groups, max(n_resamples, 1), seed, KEYS, level
+        y, probs_base, probs_head, groups, n_resamples or DEFAULT_RESAMPLES, seed, KEYS, level
     )
     for row in rows.values():
         row["verdict"] = verdict(row["ci"])
@@ -146,7 +153,7 @@ def unpaired(base: pd.DataFrame, head: pd.DataFrame, reason: str, level: float) 
     figures = []
     for frame in (base, head):
         columns = prob_columns(frame)
-        if frame["label"].str.contains("|", regex=False).any() or not columns:
+        if multilabel(frame) or not columns:
             figures.append({})
             continue
         y, probs, _ = arrays(frame, columns)
