@@ -1,7 +1,7 @@
 """export stage: TorchScript and ONNX copies of the model, each checked against PyTorch.
 
 Both take float32 pixel values 0..255 of shape (B, C, S, S) — the output of
-`stages.images.prepare_image`, channels first — and return class probabilities:
+`stages.lib.images.prepare_image`, channels first — and return class probabilities:
 normalisation and softmax/sigmoid are inside the graph (`models.Deployable`). The model's
 meta (classes, preprocessing, input size) is stored in each file.
 

@@ -1,8 +1,8 @@
 """preprocess stage: crop borders, equalise, resize; store each split as one uint8 array.
 
-The per-image function `prepare_image` is the single definition of preprocessing: the
-train/evaluate stages read its output and `model.pt` records its params, so inference on new
-files applies exactly the same steps.
+The per-image function `stages.lib.images.prepare_image` is the single definition of
+preprocessing: the train/evaluate stages read its output and `model.pt` records its params,
+so inference on new files applies exactly the same steps.
 """
 
 from __future__ import annotations

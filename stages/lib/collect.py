@@ -3,7 +3,7 @@ reject what cannot be read, and pack the rest into one uncompressed zip.
 
 One zip instead of thousands of files keeps `data/raw` a handful of files for DVC (hashing,
 checkout and push of many small files are slow), while keeping each file's original bytes
-(no re-encoding, same size as the source). Members are read back by `stages.images.read_image`
+(no re-encoding, same size as the source). Members are read back by `stages.lib.images.read_image`
 as `images.zip#<path>`.
 """
 

@@ -99,7 +99,7 @@ class Deployable(nn.Module):
     """The model as shipped: float pixel values 0..255 (B, C, S, S) in, probabilities out.
 
     Normalisation and the output activation are inside, so an exported graph needs only
-    `stages.images.prepare_image` in front of it.
+    `stages.lib.images.prepare_image` in front of it.
     """
 
     def __init__(self, model: nn.Module, meta: ModelMeta) -> None:

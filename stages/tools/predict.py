@@ -1,9 +1,10 @@
 """`medpipe predict`: classify new image files with a trained model.pt.
 
 The preprocessing stored in the checkpoint is applied through the one definition,
-`stages.images.prepare_image`, and probabilities come from `stages.models.predict` —
-the same two functions behind the processed arrays and the evaluate stage, so a test image
-gets the same probabilities here as in `plots/evaluate/predictions.csv`.
+`stages.lib.images.prepare_image`, and probabilities come from
+`stages.lib.inference.predict`: the same two functions behind the processed arrays and the
+evaluate stage, so a test image gets the same probabilities here as in
+`plots/evaluate/predictions.csv`.
 """
 
 from __future__ import annotations
