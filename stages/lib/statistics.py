@@ -275,7 +275,7 @@ def bootstrap_metrics(
         n_resamples: number of bootstrap resamples.
         seed: seed of the resampling; the same seed gives the same intervals.
         keys: metrics among BOOTSTRAP_KEYS. A key undefined in every resample (e.g. AUC
-            with a class absent from the test set) is left out, as in `metrics.bootstrap_ci`.
+            with a class absent from the test set) is left out, as in `bootstrap_ci`.
     """
     y_true = check_labels(y_true, probs)
     counts = cluster_bootstrap_counts(groups, len(y_true), n_resamples, seed)
