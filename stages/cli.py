@@ -162,11 +162,20 @@ def predict_files(
     cam: Path | None = typer.Option(None, "--cam", help="Folder for Grad-CAM overlays."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
     tta: bool = typer.Option(False, "--tta", help="Average over small shifts and a zoom."),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        min=0.0,
+        max=1.0,
+        help="Binary models: call the positive class when its probability reaches this "
+        "(e.g. evaluate's threshold.value in metrics/detail/evaluate.json); default: the "
+        "most likely class.",
+    ),
 ) -> None:
     """Classify new images with the preprocessing stored in the checkpoint."""
     from stages.tools import predict as stage
 
-    _run(lambda: stage.run(paths, model, out, cam, batch_size, tta))
+    _run(lambda: stage.run(paths, model, out, cam, batch_size, tta, threshold))
 
 
 @app.command()

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from stages.lib import arrays, collect, fetch, paths, synthetic
+from stages.lib import arrays, collect, fetch, labels, paths, synthetic
 from stages.lib.images import thumbnail
 from stages.lib.io import (
     LABEL_SEPARATOR,
@@ -272,6 +272,9 @@ def run(params: DataParams, raw_dir: Path = paths.RAW) -> str:
         raw = BUILDERS[params.source](params, out)
         card = raw.card
         card["class_counts"] = check_classes(raw)
+        card["positive_class"] = labels.positive_class(
+            card["classes"], card["task"], params.positive_class
+        )
         card["n_images"] = len(raw.manifest)
         card["n_patients"] = int(raw.manifest["patient_id"].nunique())
         write_csv(out / "manifest.csv", raw.manifest)
@@ -279,6 +282,8 @@ def run(params: DataParams, raw_dir: Path = paths.RAW) -> str:
         np.save(out / "thumbnails.npy", raw.thumbnails)
         write_json(out / "dataset.json", card)
     per_class = ", ".join(f"{c} {n:,}" for c, n in card["class_counts"].items())
+    if card["positive_class"]:
+        per_class += f"; positive class {card['positive_class']}"
     extra = (
         [f"{len(raw.rejected):,} rejected (see {raw_dir}/rejected.csv)"]
         if len(raw.rejected)

@@ -34,6 +34,9 @@ GROUP_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
 HEADLINE = (
     "n_test",
     "ci_unit",
+    "positive_class",
+    "sensitivity",
+    "specificity",
     "accuracy",
     "balanced_accuracy",
     "f1_macro",
@@ -124,12 +127,14 @@ def threshold_report(
     y_test: np.ndarray,
     p_test: np.ndarray,
     params: EvaluateParams,
+    positive: str = "",
 ) -> dict:
-    """Binary tasks: threshold on P(class 1) chosen on validation, test metrics at 0.5 and at it.
+    """Binary tasks: threshold on P(positive) chosen on validation, test metrics at 0.5 and
+    at it. `y_*` are 1 for the positive class, `p_*` its probabilities; `positive` names it.
 
     A validation split without both classes keeps 0.5 (noted in the report as `fallback`).
     """
-    report: dict = {"method": params.threshold_method}
+    report: dict = {"positive_class": positive, "method": params.threshold_method}
     try:
         chosen = metrics.choose_threshold(
             y_val, p_val, params.threshold_method, params.target_sensitivity
@@ -257,6 +262,7 @@ def write_plots(
     params: EvaluateParams,
     multilabel: bool,
     threshold: float | None,
+    positive: int | None = None,
 ) -> None:
     names = np.array(classes)
     pred = (probs >= 0.5).astype(int) if multilabel else probs.argmax(axis=1)
@@ -272,8 +278,9 @@ def write_plots(
     else:
         predicted, correct = names[pred], pred == y
     table = frame[keep].assign(label=frame["label"], predicted=predicted, correct=correct)
-    if threshold is not None:
-        table["predicted_at_threshold"] = names[(probs[:, 1] >= threshold).astype(int)]
+    if threshold is not None and positive is not None:
+        called = probs[:, positive] >= threshold
+        table["predicted_at_threshold"] = np.where(called, names[positive], names[1 - positive])
     write_csv(out / "predictions.csv", table.assign(**columns))
     roc, pr = curve_tables(y, probs, classes, multilabel)
     for name in roc:
@@ -300,23 +307,34 @@ def run(
     patients = frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame else None
     result = evaluate_probs(y, probs, classes, params, multilabel, patients)
     result["tta"] = params.tta
-    threshold = None
-    if len(classes) == 2 and not multilabel:
+    threshold, pos = None, model.meta.positive_index
+    if pos is not None:
         val = score_split(model, processed_dir, "val", params.batch_size, params.tta)
-        result["threshold"] = threshold_report(val.y, val.probs[:, 1], y, probs[:, 1], params)
+        positive = classes[pos]
+        result["positive_class"] = positive
+        result["threshold"] = threshold_report(
+            val.y == pos, val.probs[:, pos], y == pos, probs[:, pos], params, positive
+        )
         threshold = result["threshold"]["value"]
+        at = result["threshold"]["at_chosen"]  # the operating point, chosen on validation
+        result.update(sensitivity=at["sensitivity"], specificity=at["specificity"])
     if "group" in frame and (frame["group"].astype(str) != "").any():
         result["per_group"] = group_metrics(
             y, probs, frame["group"].astype(str), multilabel, params, patients
         )
     result.update(deployment_figures(model, model_file, params.latency_runs))
     with atomic_dir(plots_dir) as tmp:
-        write_plots(tmp, frame, y, probs, classes, params, multilabel, threshold)
+        write_plots(tmp, frame, y, probs, classes, params, multilabel, threshold, pos)
     write_result(metrics_file, result, HEADLINE)
     ci = result.get("ci", {}).get("accuracy")
     ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     kappa = "" if multilabel else f"kappa {result['kappa']:.3f}, "
-    extra = f", threshold {threshold:.3f}" if threshold is not None else ""
+    extra = ""
+    if threshold is not None:
+        extra = (
+            f", positive {classes[pos]}: threshold {threshold:.3f}, sensitivity "
+            f"{result['sensitivity']:.3f}, specificity {result['specificity']:.3f}"
+        )
     latency = f", {result['latency_ms']:.1f} ms/image" if "latency_ms" in result else ""
     return (
         f"evaluate: {len(y):,} test images: accuracy {result['accuracy']:.3f}{ci_text}, "

@@ -30,7 +30,17 @@ from stages.lib.params import ExportParams
 
 # metrics/export.json; the checks' differences and the latency go to metrics/detail/export.json
 HEADLINE = ("n_checked", "opset", "torchscript_size_mb", "onnx_size_mb")
-META_KEYS = ("model_name", "classes", "task", "channels", "input_size", "mean", "std", "preprocess")
+META_KEYS = (
+    "model_name",
+    "classes",
+    "task",
+    "positive_class",
+    "channels",
+    "input_size",
+    "mean",
+    "std",
+    "preprocess",
+)
 
 
 def deploy_meta(meta: ModelMeta) -> dict[str, str]:

@@ -139,6 +139,7 @@ def run(
             {
                 "classes": card["classes"],
                 "task": card["task"],
+                "positive_class": card.get("positive_class"),
                 "dataset": card["name"],
                 "preprocess": params.model_dump(),
                 "mean": sample.mean(axis=(0, 1, 2)).round(4).tolist(),

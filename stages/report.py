@@ -56,6 +56,12 @@ def rejected_block(rejected: pd.DataFrame, path: Path, shown: int = REJECTED_SHO
     return text + (table(rejected.head(shown)) if n else "")
 
 
+def positive_note(card: dict) -> str:
+    """ ", positive class X" for binary tasks (what sensitivity and the threshold refer to)."""
+    positive = card.get("positive_class")
+    return f", positive class <b>{html.escape(positive)}</b>" if positive else ""
+
+
 def data_section(
     page: Page, card: dict, split: dict, rejected: pd.DataFrame, rejected_file: Path
 ) -> None:
@@ -63,7 +69,7 @@ def data_section(
     page.add(
         f"<p>{html.escape(card.get('description', ''))} — "
         f"{card['n_images']:,} images of {card['n_patients']:,} patients; task "
-        f"{html.escape(card['task'])}.</p>"
+        f"{html.escape(card['task'])}{positive_note(card)}.</p>"
     )
     rows = []
     for c in card["classes"]:
@@ -161,8 +167,11 @@ def calibration_section(page: Page, result: dict, reliability: pd.DataFrame) -> 
         note = (
             f" ({html.escape(threshold['fallback'])}; 0.5 kept)" if "fallback" in threshold else ""
         )
+        positive = html.escape(threshold.get("positive_class") or "positive")
         page.add(
-            f"<p>Operating threshold on P(positive) chosen on the validation split by "
+            f"<p>Positive class: <b>{positive}</b> (sensitivity is its recall, specificity "
+            f"the other class's). Operating threshold on P({positive}) chosen on the "
+            f"validation split by "
             f"{html.escape(threshold['method'])}: {threshold['value']:.3f}{note} "
             f"(validation sensitivity {threshold['val_sensitivity']:.3f}, specificity "
             f"{threshold['val_specificity']:.3f}). Test metrics at 0.5 and at that threshold:</p>"

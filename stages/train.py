@@ -49,6 +49,7 @@ def build_meta(
         model_name=model_params.name,
         classes=data_meta["classes"],
         task=data_meta["task"],
+        positive_class=data_meta.get("positive_class"),
         channels=channels,
         input_size=size,
         mean=mean,

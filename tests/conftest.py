@@ -65,10 +65,16 @@ def subprocess_env() -> dict[str, str]:
 
 
 def tiny_processed(
-    root: Path, task: str, classes: list[str], n: int = 24, groups: bool = False
+    root: Path,
+    task: str,
+    classes: list[str],
+    n: int = 24,
+    groups: bool = False,
+    positive: str | None = None,
 ) -> tuple[Path, Path]:
     """A data/processed-like folder (val and test splits of random 32 px images, labels
-    cycling through the classes) and a random-weight resnet10t checkpoint for it."""
+    cycling through the classes) and a random-weight resnet10t checkpoint for it
+    (`positive`: the binary task's positive class, as download resolves it)."""
     import json
 
     import numpy as np
@@ -94,6 +100,7 @@ def tiny_processed(
     meta = {
         "classes": classes,
         "task": task,
+        "positive_class": positive,
         "dataset": "toy",
         "preprocess": PreprocessParams(size=32).model_dump(),
         "mean": [0.5],
@@ -103,6 +110,7 @@ def tiny_processed(
     checkpoint = root / "model.pt"
     model = timm.create_model("resnet10t", num_classes=len(classes), in_chans=1)
     extra = {"input_size": 32, "preprocess": meta["preprocess"], "dataset": "toy"}
+    extra["positive_class"] = positive
     save_checkpoint(checkpoint, model, model_meta(classes, task, [0.5], [0.2], **extra))
     return processed, checkpoint
 

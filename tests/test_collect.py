@@ -239,7 +239,9 @@ def test_csv_without_patient_column_warns(tmp_path):
         noise_png(tmp_path / f"{i}.png", seed=i)
     frame = pd.DataFrame({"image": [f"{i}.png" for i in range(4)], "label": list("abab")})
     frame.to_csv(tmp_path / "t.csv", index=False)
-    line = download.run(DataParams(source="csv", path=str(tmp_path / "t.csv")), tmp_path / "raw")
+    line = download.run(
+        DataParams(source="csv", path=str(tmp_path / "t.csv"), positive_class="b"), tmp_path / "raw"
+    )
     assert "WARNING: no patient ids" in line and "data.columns.patient_id" in line
 
 

@@ -173,6 +173,31 @@ def test_run_binary_with_groups_writes_threshold_and_group_metrics(tmp_path):
     assert (plots / "pr/pneumonia.csv").exists() and (plots / "calibration.csv").exists()
 
 
+def test_positive_class_sorting_first_is_the_one_thresholded(tmp_path):
+    """MURA's classes sort as [abnormal, normal]: sensitivity, specificity and the
+    threshold must be about abnormal, not about the class that sorts second."""
+    classes = ["abnormal", "normal"]
+    processed, checkpoint = tiny_processed(tmp_path, "binary", classes, positive="abnormal")
+    metrics_file, plots = tmp_path / "evaluate.json", tmp_path / "plots"
+    line = evaluate.run(
+        EvaluateParams(bootstrap=0, latency_runs=0), processed, checkpoint, metrics_file, plots
+    )
+    assert "positive abnormal" in line
+    result = read_result(metrics_file)
+    assert result["positive_class"] == result["threshold"]["positive_class"] == "abnormal"
+    table = pd.read_csv(plots / "predictions.csv")
+    threshold = result["threshold"]["value"]
+    expected = np.where(table["prob_abnormal"] >= threshold, "abnormal", "normal")
+    assert (table["predicted_at_threshold"] == expected).all()
+    called = table["predicted_at_threshold"] == "abnormal"
+    sick = table["label"] == "abnormal"
+    assert result["sensitivity"] == pytest.approx(called[sick].mean(), abs=1e-4)
+    assert result["specificity"] == pytest.approx((~called[~sick]).mean(), abs=1e-4)
+    at_chosen = result["threshold"]["at_chosen"]
+    assert at_chosen["tp"] == int((called & sick).sum())
+    assert at_chosen["fn"] == int((~called & sick).sum())
+
+
 def test_run_multilabel(tmp_path):
     classes = ["a", "b", "c"]
     processed, checkpoint = tiny_processed(tmp_path, "multilabel", classes)

@@ -303,13 +303,15 @@ def test_url_tar_gz_read_as_folder(site, tmp_path):
 def test_url_zip_with_csv(site, tmp_path):
     files = {f"set/img/{i}.png": png_bytes(i) for i in range(4)}
     files["set/labels.csv"] = "image,label\n" + "".join(
-        f"img/{i}.png,{'ab'[i % 2]}\n" for i in range(4)
+        f"img/{i}.png,{('normal', 'lesion')[i % 2]}\n" for i in range(4)
     )
     params = url_params(site, tmp_path, make_zip(files), "set.zip", path="set/labels.csv")
     download.run(params, tmp_path / "raw")
     manifest = pd.read_csv(tmp_path / "raw/manifest.csv", dtype=str, keep_default_na=False)
     assert manifest["image"].tolist() == [f"images.zip#img/{i}.png" for i in range(4)]
-    assert manifest["label"].tolist() == ["a", "b", "a", "b"]
+    assert manifest["label"].tolist() == ["normal", "lesion", "normal", "lesion"]
+    card = json.loads((tmp_path / "raw/dataset.json").read_text())
+    assert card["positive_class"] == "lesion"  # the other one is normal
 
 
 def test_url_wrong_sha256_is_refused(site, tmp_path):

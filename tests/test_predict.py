@@ -139,3 +139,29 @@ def test_cli_writes_csv_table_and_cam_overlays(checkpoint, tmp_path):
     assert len(overlays) == 2 and Image.open(overlays[0]).size == (128, 128)
     missing = CliRunner().invoke(app, ["predict", "x.png", "--model", str(tmp_path / "no.pt")])
     assert missing.exit_code == 1 and "model checkpoint not found" in missing.output
+
+
+def test_binary_threshold_calls_the_positive_class(tmp_path, checkpoint):
+    path = tmp_path / "binary.pt"
+    model = timm.create_model("resnet10t", num_classes=2, in_chans=1)
+    preprocess = PreprocessParams(size=32).model_dump()
+    meta = model_meta(
+        ["abnormal", "normal"], input_size=32, preprocess=preprocess, positive_class="abnormal"
+    )
+    save_checkpoint(path, model, meta)
+    for i in range(3):
+        Image.fromarray((chest(i) // 256).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    images = [str(tmp_path / f"{i}.png") for i in range(3)]
+    out = tmp_path / "p.csv"
+    args = ["predict", *images, "-m", str(path), "-o", str(out)]
+    for threshold, called in (("0", 3), ("1", 0)):
+        result = CliRunner().invoke(app, [*args, "--threshold", threshold])
+        assert result.exit_code == 0, result.output
+        assert f"positive class abnormal: {called} called (P >= {threshold})" in result.output
+        assert (pd.read_csv(out)["predicted"] == "abnormal").sum() == called
+    result = CliRunner().invoke(app, args)
+    assert "positive class abnormal" in result.output and "(the most likely class)" in result.output
+    result = CliRunner().invoke(
+        app, ["predict", images[0], "-m", str(checkpoint), "-o", str(out), "--threshold", "0.5"]
+    )
+    assert result.exit_code != 0 and "only binary models" in result.output

@@ -33,6 +33,8 @@ class ModelMeta:
         input_size: side of the square input in pixels.
         mean, std: per-channel normalisation of 0..1 pixel values.
         preprocess: the preprocess params the inputs were prepared with.
+        positive_class: binary tasks: the class whose probability is thresholded and whose
+            sensitivity is reported (`data.positive_class`); None for other tasks.
     """
 
     model_name: str
@@ -44,6 +46,7 @@ class ModelMeta:
     std: list[float]
     preprocess: dict[str, Any]
     dataset: str = ""
+    positive_class: str | None = None
     head_hidden: int | None = None
     weights_source: str | None = None
     best_epoch: int | None = None
@@ -53,10 +56,23 @@ class ModelMeta:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"checkpoint meta: task {self.task!r} is not one of {TASKS}")
+        if self.positive_class is not None and self.positive_class not in self.classes:
+            raise ValueError(
+                f"checkpoint meta: positive_class {self.positive_class!r} is not one of "
+                f"the classes {self.classes}"
+            )
 
     @property
     def multilabel(self) -> bool:
         return self.task == "multilabel"
+
+    @property
+    def positive_index(self) -> int | None:
+        """Output index of the positive class (binary tasks; checkpoints from before
+        `data.positive_class` existed: the second class, as they were evaluated)."""
+        if self.task != "binary":
+            return None
+        return self.classes.index(self.positive_class) if self.positive_class else 1
 
     def normalization(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
         """(mean, std) as (1, C, 1, 1) tensors on `device`."""

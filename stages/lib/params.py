@@ -149,6 +149,13 @@ class DataParams(Section):
     root: str | None = Field(
         None, description="csv: folder the image paths start from (default: the CSV's folder)."
     )
+    positive_class: str | None = Field(
+        None,
+        description="Binary tasks: the class whose probability is thresholded and whose "
+        "sensitivity/specificity are reported; unset: the other class when one is "
+        "recognisably normal/negative (normal, negative, healthy, benign, no finding), "
+        "else required. Recorded in dataset.json and model.pt.",
+    )
     columns: CsvColumns = Field(default_factory=CsvColumns)
     synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
 

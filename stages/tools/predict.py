@@ -74,12 +74,19 @@ def load_images(
     return (np.stack(images) if images else np.zeros(shape, np.uint8)), kept, rejected
 
 
-def prediction_table(refs: list[str], probs: np.ndarray, meta: ModelMeta) -> pd.DataFrame:
-    """path, predicted class (multi-label: `|`-joined labels >= 0.5), its probability, all
+def prediction_table(
+    refs: list[str], probs: np.ndarray, meta: ModelMeta, threshold: float | None = None
+) -> pd.DataFrame:
+    """path, predicted class (multi-label: `|`-joined labels >= 0.5; binary with a
+    `threshold`: the positive class where its probability reaches it), its probability, all
     class probabilities."""
     names = np.array(meta.classes)
+    pos = meta.positive_index
     if meta.multilabel:
         predicted = ["|".join(names[row >= 0.5]) for row in probs]
+    elif threshold is not None and pos is not None:
+        called = probs[:, pos] >= threshold
+        predicted = np.where(called, names[pos], names[1 - pos]).tolist()
     else:
         predicted = names[probs.argmax(axis=1)].tolist()
     columns = {f"prob_{c}": probs[:, k].round(6) for k, c in enumerate(names)}
@@ -122,10 +129,16 @@ def run(
     cam_dir: Path | None = None,
     batch_size: int = 64,
     tta: bool = False,
+    threshold: float | None = None,
 ) -> str:
     start = time.perf_counter()
     model = load_model(model_file)
     meta = model.meta
+    if threshold is not None and meta.positive_index is None:
+        raise ValueError(
+            f"--threshold: only binary models have a positive class to threshold; "
+            f"{model_file} is {meta.task} with classes {meta.classes}"
+        )
     refs, not_images = collect_inputs(paths)
     images, kept, rejected = load_images(refs, PreprocessParams(**meta.preprocess))
     rejected = not_images + rejected
@@ -133,11 +146,16 @@ def run(
     if not kept:
         raise ValueError(f"none of the {len(refs)} input(s) could be read:\n{skipped.rstrip()}")
     probs = model.predict(images, batch_size, tta=tta)
-    table = prediction_table(kept, probs, meta)
+    table = prediction_table(kept, probs, meta, threshold)
     write_csv(out_file, table)
     if cam_dir is not None:
         write_cams(Path(cam_dir), model, images, kept, probs)
     cams = f", CAM overlays in {cam_dir}" if cam_dir is not None else ""
+    if meta.positive_index is not None:
+        positive = meta.classes[meta.positive_index]
+        called = int((table["predicted"] == positive).sum())
+        at = f"P >= {threshold:g}" if threshold is not None else "the most likely class"
+        cams += f", positive class {positive}: {called:,} called ({at})"
     return (
         f"{format_table(table)}\n{skipped}"
         f"predict: {len(kept):,} image(s) -> {out_file}{cams}, {len(rejected)} skipped "

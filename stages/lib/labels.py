@@ -1,0 +1,67 @@
+"""The positive class of a binary task: the one whose probability is thresholded and whose
+sensitivity, specificity, PPV and NPV are reported.
+
+Sorting the class names cannot decide it: MURA's `['abnormal', 'normal']` would make
+"normal" the positive class. The rule here: `data.positive_class` when given; else the
+other class when exactly one class is recognisably the normal/negative one (normal,
+negative, healthy, benign, no finding, ...); else the user must say.
+"""
+
+from __future__ import annotations
+
+import re
+
+# whole words (so "abnormal" is not "normal"); multi-word names are matched as phrases
+NEGATIVE_WORDS = frozenset(
+    {"normal", "negative", "healthy", "benign", "control", "controls", "nofinding", "none"}
+)
+NEGATIVE_PHRASES = ("no finding", "no findings", "no disease", "no tumor", "no tumour", "no lesion")
+
+
+def _words(name: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", name.lower())
+
+
+def is_negative_name(name: str) -> bool:
+    """Whether a class name says "nothing found" (normal, negative, healthy, no finding...)."""
+    words = _words(name)
+    text = " ".join(words)
+    if any(f" {p} " in f" {text} " for p in NEGATIVE_PHRASES):
+        return True
+    return bool(NEGATIVE_WORDS & set(words)) and not {"abnormal", "not", "non"} & set(words)
+
+
+def positive_class(classes: list[str], task: str, chosen: str | None) -> str | None:
+    """The positive class name for a binary task (None for other tasks).
+
+    Raises:
+        ValueError: naming `data.positive_class` when it is not one of `classes`, when it is
+            set for a task that has no positive class, or when a binary task gives no way to
+            tell which class is the finding.
+    """
+    if task != "binary":
+        if chosen is not None:
+            raise ValueError(
+                f"data.positive_class: only binary tasks have a positive class; this {task} "
+                f"dataset has {len(classes)} classes {classes}: unset data.positive_class"
+            )
+        return None
+    if chosen is not None:
+        matches = [c for c in classes if c == chosen] or [
+            c for c in classes if c.lower() == chosen.lower()
+        ]
+        if len(matches) != 1:
+            raise ValueError(
+                f"data.positive_class: {chosen!r} is not a class of this dataset; "
+                f"use one of {classes}"
+            )
+        return matches[0]
+    negatives = [c for c in classes if is_negative_name(c)]
+    if len(negatives) == 1:
+        return next(c for c in classes if c != negatives[0])
+    why = "both look like" if len(negatives) == 2 else "neither is recognisably"
+    raise ValueError(
+        f"data.positive_class: this binary dataset's classes are {classes} and {why} the "
+        "normal/negative one, so the positive class (whose sensitivity, specificity and "
+        f"threshold are reported) must be named: set data.positive_class to one of {classes}"
+    )
