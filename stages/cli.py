@@ -278,3 +278,41 @@ def show_params(params_file: Path = ParamsOption) -> None:
     width = max(len(k) for k, _, _ in describe_params())
     for key, default, doc in describe_params():
         typer.echo(f"{key:<{width}}  {doc} [default {default}]")
+
+
+recipe_app = typer.Typer(
+    help="The studies medpipe was made for, as params overlays in recipes/.",
+    no_args_is_help=True,
+)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """List the recipes with their titles."""
+    from stages.tools import recipe
+
+    _run(recipe.listing)
+
+
+@recipe_app.command("show")
+def recipe_show(name: str = typer.Argument(..., help="Recipe name, e.g. 001-mura.")) -> None:
+    """Print a recipe: the study, the data it expects, the figures to read, the overlay."""
+    from stages.tools import recipe
+
+    _run(lambda: recipe.show(name))
+
+
+@recipe_app.command("apply")
+def recipe_apply(
+    name: str = typer.Argument(..., help="Recipe name, e.g. 001-mura."),
+    set_: list[str] = typer.Option(
+        [], "--set", "-S", help="KEY=VALUE: a key the recipe requires (data.path=...) or any other."
+    ),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Rewrite params.yaml as schema defaults + the recipe + your --set values (refuses,
+    leaving params.yaml as it was, until the data keys the recipe requires are given)."""
+    from stages.tools import recipe
+
+    _run(lambda: recipe.apply(name, set_, params_file))

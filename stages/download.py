@@ -282,13 +282,9 @@ def run(params: DataParams, raw_dir: Path = paths.RAW) -> str:
         np.save(out / "thumbnails.npy", raw.thumbnails)
         write_json(out / "dataset.json", card)
     per_class = ", ".join(f"{c} {n:,}" for c, n in card["class_counts"].items())
-    if card["positive_class"]:
-        per_class += f"; positive class {card['positive_class']}"
-    extra = (
-        [f"{len(raw.rejected):,} rejected (see {raw_dir}/rejected.csv)"]
-        if len(raw.rejected)
-        else []
-    )
+    extra = [f"positive class {card['positive_class']}"] if card["positive_class"] else []
+    if len(raw.rejected):
+        extra.append(f"{len(raw.rejected):,} rejected (see {raw_dir}/rejected.csv)")
     return "; ".join(
         [
             f"download: {card['n_images']:,} images of {card['n_patients']:,} patients "

@@ -52,6 +52,7 @@ def audit(
     for s in SPLITS:
         report[s] = {
             "n_images": len(splits[s]),
+            "n_images_before": len(before[s]),  # differs from n_images after undersampling
             "n_patients": len(patients[s]),
             "class_counts": count_classes(splits[s]["label"], classes, multilabel),
             "class_counts_before": count_classes(before[s]["label"], classes, multilabel),
@@ -85,8 +86,6 @@ def run(
     manifest = read_csv(raw_dir / "manifest.csv", required=MANIFEST_COLUMNS)
     card = read_json(raw_dir / "dataset.json")
     classes, multilabel = card["classes"], card.get("task") == "multilabel"
-    if multilabel and params.undersample != "none":
-        raise ValueError("splitting.undersample applies to single-label data; set it to none")
     strategy = resolve_strategy(manifest, params.strategy)
     params = params.model_copy(update={"strategy": strategy})
     cluster = cluster_duplicates(load_thumbnails(raw_dir, manifest))
@@ -101,7 +100,7 @@ def run(
         )
     splits = dict(before)
     splits["train"] = undersample(
-        before["train"], params.undersample, params.ratio, params.max_per_class, params.seed
+        before["train"], params.undersample, params.ratio, params.max_per_class, params.seed, strata
     )
     kept = pd.Series("", index=manifest.index)
     for s in SPLITS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from scipy import stats
 
 from stages.tools import compare
@@ -67,3 +68,12 @@ def test_a_grid_of_seeds_alone_is_one_setting():
     frame = runs({0.002: [0.80, 0.82, 0.81]})
     table = compare.seed_summary(frame, ["train.seed"], "f1_macro")
     assert table["setting"].tolist() == ["all runs"] and table["seeds"].tolist() == [3]
+
+
+def test_a_commit_never_reproduced_is_no_run():
+    frame = runs({0.002: [0.80], 0.005: [0.85]})
+    baseline = frame.iloc[[0]].assign(name="main", rev="main", f1_macro=np.nan)  # queued only
+    kept = compare.with_results(pd.concat([baseline, frame], ignore_index=True), "f1_macro")
+    assert kept["name"].tolist() == ["exp0.002-0", "exp0.005-0"]
+    with pytest.raises(ValueError, match="no run has a value of f1_macro"):
+        compare.with_results(baseline, "f1_macro")

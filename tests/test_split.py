@@ -168,17 +168,19 @@ def test_multilabel_strata_use_the_rarest_label():
     assert strata.tolist() == ["rare", "common", "", "mid", "mid"]
 
 
-def test_multilabel_rejects_undersampling(tmp_path):
-    manifest = make_manifest()
-    manifest["label"] = "a|b"
-    write_raw(tmp_path / "raw", manifest, classes=("a", "b"), task="multilabel")
-    with pytest.raises(ValueError, match="single-label"):
-        split.run(
-            SplitParams(undersample="majority"),
-            tmp_path / "raw",
-            tmp_path / "split",
-            tmp_path / "split.json",
-        )
+def test_multilabel_undersampling_caps_the_rarest_label_strata(tmp_path):
+    manifest = make_manifest(n_patients=100, labels=("", "", "", "", "a", "a|b", "b", "a|c"))
+    write_raw(tmp_path / "raw", manifest, classes=("a", "b", "c"), task="multilabel")
+    split.run(
+        SplitParams(undersample="ratio", ratio=2.0),
+        tmp_path / "raw",
+        tmp_path / "split",
+        tmp_path / "split.json",
+    )
+    train = pd.read_csv(tmp_path / "split/train.csv", keep_default_na=False)
+    strata = splitting.rarest_label(train["label"], ["a", "b", "c"]).value_counts()
+    # before: 4 unlabelled rows per 1 of rarest label c; after: at most 2 (ratio 2)
+    assert 0 < strata[""] <= 2 * strata["c"] and strata["b"] > strata["c"]
 
 
 def test_duplicate_check_is_fast_on_many_images():

@@ -22,7 +22,15 @@ from tqdm import tqdm
 from stages.lib.images import ImageError, decode_image, thumbnail
 from stages.lib.io import LABEL_SEPARATOR, SPLITS, ZIP_DATE
 
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 IGNORED = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 BATCH = 256  # files decoded per batch (bounds memory while keeping threads busy)
 

@@ -207,7 +207,8 @@ class SplitParams(Section):
     undersample: Literal["none", "majority", "ratio"] = Field(
         "none",
         description="Training split only: majority cuts every class to the smallest class; "
-        "ratio cuts every class to split.ratio x the smallest class.",
+        "ratio cuts every class to split.ratio x the smallest class (multi-label: classes "
+        "are each image's rarest label, images without labels one more class).",
     )
     ratio: float = Field(1.5, ge=1.0, description="Cap per class as a multiple of the smallest.")
     max_per_class: int | None = Field(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+RECIPES = Path("recipes")  # one params overlay per study (`medpipe recipe apply NAME`)
 LOCKS = Path(".medpipe/locks")  # one lock per stage: one run at a time per workspace
 
 RAW = Path("data/raw")  # download

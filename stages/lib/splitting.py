@@ -155,16 +155,27 @@ def load_thumbnails(raw_dir: Path, manifest: pd.DataFrame) -> np.ndarray:
 
 
 def undersample(
-    frame: pd.DataFrame, how: str, ratio: float, max_per_class: int | None, seed: int
+    frame: pd.DataFrame,
+    how: str,
+    ratio: float,
+    max_per_class: int | None,
+    seed: int,
+    strata: pd.Series | None = None,
 ) -> pd.DataFrame:
-    """Randomly drop images of the larger classes (keeps row order)."""
-    counts = frame["label"].value_counts()
+    """Randomly drop images of the larger classes (keeps row order).
+
+    `strata` (indexed like `frame`) replaces the label as the unit that is capped: for
+    multi-label data each row's rarest positive label, "" for rows without any (the
+    "no finding" majority that lung-disease studies undersample), as the split stratifies.
+    """
+    key = frame["label"] if strata is None else strata.loc[frame.index]
+    counts = key.value_counts()
     cap = {"none": np.inf, "majority": counts.min(), "ratio": ratio * counts.min()}[how]
     if max_per_class is not None:
         cap = min(cap, max_per_class)
     rng = np.random.default_rng(seed)
     keep = []
-    for _label, rows in frame.groupby("label"):
+    for _label, rows in frame.groupby(key):
         n = int(min(len(rows), cap))
         keep.extend(rng.choice(rows.index.to_numpy(), n, replace=False))
     return frame.loc[sorted(keep)]

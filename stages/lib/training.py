@@ -393,7 +393,9 @@ def fit(
             phase = epoch <= freeze_epochs
             set_trainable(model, phase, trainable_from)
             net = wrap_model(model, params, info, trainer.device)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row = run_epoch(trainer, net, val, meta, params, epoch, info)
+        row["trainable_params"] = trainable  # head only while frozen, then the blocks trained
         log_row(live, row, params.monitor)
         progress.record(row, model, keep_weights=info.is_main)
         trainer.sched.step_epoch(progress.score(row))

@@ -99,6 +99,15 @@ def changed_params(frame: pd.DataFrame, keys: set[str]) -> list[str]:
     return [c for c in params if frame[c].astype(str).nunique() > 1]
 
 
+def with_results(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows that hold a result: a commit never reproduced (a queued grid's baseline)
+    has params but no metrics, and is no run."""
+    kept = frame[pd.to_numeric(frame[column], errors="coerce").notna()]
+    if kept.empty:
+        raise ValueError(f"no run has a value of {column}; run `dvc repro` or `dvc exp run` first")
+    return kept
+
+
 def drop_workspace_copy(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Each run once: without the workspace row when it only repeats a run (after `dvc exp
     run` the workspace holds the last experiment's results), and without an experiment that
@@ -299,8 +308,10 @@ def run(
 ) -> str:
     start = time.perf_counter()
     frame = load_experiments(repo, revs, num)
+    column = metric_column(frame, metric)
+    frame = with_results(frame, column)
     params = changed_params(frame, param_keys(repo))
-    frame = drop_workspace_copy(frame, [*params, metric_column(frame, metric)])
+    frame = drop_workspace_copy(frame, [*params, column])
     page = build_page(frame, repo, metric, param)
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
