@@ -58,3 +58,44 @@ def test_nproc_per_node_relaunches_medpipe_train_under_torchrun(tmp_path, subpro
     root = project(tmp_path, override)
     out = run([f"{BIN}/medpipe", "train"], root, subprocess_env)
     check_outputs(root, out)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_on_loopback_write_one_model_on_the_head_node(tmp_path, subprocess_env):
+    """Two "machines" (two folders with the same data, as two checkouts would have), one
+    torchrun agent each, meeting through c10d rendezvous on loopback, one process per node
+    (gloo). c10d orders the nodes by address, so the head node (127.0.0.1, which also hosts
+    the rendezvous) becomes group rank 0, and rank 0 alone writes the outputs."""
+    override = {"train": {"epochs": 2, "batch_size": 16, "patience": 2}}
+    head, worker = project(tmp_path / "head", override), project(tmp_path / "worker", override)
+    endpoint = f"127.0.0.1:{free_port()}"
+
+    def node(root: Path, address: str) -> subprocess.Popen:
+        cmd = [
+            f"{BIN}/torchrun", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "medpipe-test",
+            "--local_addr", address, "-m", "stages", "train",
+        ]  # fmt: skip
+        return subprocess.Popen(
+            cmd, cwd=root, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+
+    first = node(head, "127.0.0.1")  # the head node starts first and hosts the rendezvous
+    second = node(worker, "127.0.0.2")
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs[0][-3000:] + outputs[1][-3000:]
+    assert "train: rank 1 of 2 done" in outputs[1]
+    assert not (worker / "models").exists() and not (worker / "metrics").exists()
+    summary = read_result(head / "metrics/train.json")
+    assert summary["processes"] == 2 and summary["epochs_run"] == 2
+    checkpoint = torch.load(head / "models/model.pt", weights_only=True)
+    assert checkpoint["meta"]["classes"] == ["a", "b"] and checkpoint["state_dict"]

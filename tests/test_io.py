@@ -1,4 +1,5 @@
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -186,3 +187,31 @@ def test_a_broken_link_where_a_folder_goes_is_named(tmp_path):
     (tmp_path / "metrics").symlink_to(tmp_path / "unmounted")
     with pytest.raises(NotADirectoryError, match="metrics is a broken link, not a folder"):
         io.write_json(tmp_path / "metrics/x.json", {})
+
+
+def rss_file_mb() -> int:
+    """This process's resident file-backed pages (mapped files), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_reading_a_mapped_array_keeps_resident_pages_within_the_budget(tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 255, (24_000, 64, 64, 1), np.uint8))
+    peaks = {}
+    for budget in (10**15, 8 * 2**20):  # no release, then every 8 MB
+        images = np.asarray(np.load(path, mmap_mode="r"))  # as load_split hands it on
+        assert io.mapped_buffer(images) is not None and io.mapped_buffer(images[5:9]) is not None
+        pages, start, peak = io.ResidentPages(images, budget), rss_file_mb(), 0
+        for first in range(0, len(images), 256):
+            batch = np.take(images, np.arange(first, min(first + 256, len(images))), axis=0)
+            pages.read(batch.nbytes)
+            peak = max(peak, rss_file_mb() - start)
+        peaks[budget] = peak
+        del images, pages
+    assert peaks[10**15] > 80  # all 94 MB of the file end up resident
+    assert peaks[8 * 2**20] <= 16, peaks  # the budget, plus at most one batch
+    assert io.mapped_buffer(np.zeros(3)) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import mmap
 import os
 import re
 import shutil
@@ -344,6 +345,43 @@ def open_zip(path: Path) -> zipfile.ZipFile:
 def open_npz(path: Path) -> Any:
     """`path` as an open NpzFile, cached per process and file version."""
     return _open_npz(str(path.resolve()), path.stat().st_mtime_ns, os.getpid())
+
+
+RESIDENT_BUDGET = 64 * 2**20  # bytes read from a mapped array between two releases
+
+
+def mapped_buffer(array: np.ndarray) -> mmap.mmap | None:
+    """The mmap behind a memory-mapped array (np.load(..., mmap_mode="r"), views and
+    np.asarray of it included), or None for an array in memory."""
+    obj: Any = array
+    while obj is not None:
+        if isinstance(obj, mmap.mmap):
+            return obj
+        if isinstance(getattr(obj, "_mmap", None), mmap.mmap):
+            return obj._mmap
+        obj = getattr(obj, "base", None)
+    return None
+
+
+class ResidentPages:
+    """Keeps a memory-mapped array from filling this process's resident memory: every page
+    read stays mapped (and counted in RSS) until released, so after each `budget` bytes read
+    the mapping's pages are dropped from the process (MADV_DONTNEED). The kernel keeps them
+    in its page cache, so reading them again costs a page fault, not a disk read; peak RSS
+    then stays flat whatever the dataset size. A no-op for arrays in memory."""
+
+    def __init__(self, array: np.ndarray, budget: int = RESIDENT_BUDGET) -> None:
+        self._map = mapped_buffer(array)
+        self.budget, self._read = budget, 0
+
+    def read(self, nbytes: int) -> None:
+        """Count `nbytes` read from the array; release its pages once over the budget."""
+        if self._map is None or self._map.closed:
+            return
+        self._read += nbytes
+        if self._read >= self.budget and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+            self._read = 0
 
 
 def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
