@@ -76,21 +76,18 @@ def status_kb(pid: int) -> dict[str, int]:
 def train_peak(root: Path) -> tuple[dict[str, float], float]:
     """Peak VmHWM, RssAnon and RssFile (MB) of the train stage, and its wall time."""
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages", "train"],
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    peak: dict[str, int] = {}
-    while proc.poll() is None:
-        for key, kb in status_kb(proc.pid).items():
-            peak[key] = max(peak.get(key, 0), kb)
-        time.sleep(0.05)
-    out = proc.stdout.read()
+    log = root / "train.log"  # a file, not a pipe: a full pipe would stall the progress bar
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages", "train"], cwd=root, stdout=out, stderr=out
+        )
+        peak: dict[str, int] = {}
+        while proc.poll() is None:
+            for key, kb in status_kb(proc.pid).items():
+                peak[key] = max(peak.get(key, 0), kb)
+            time.sleep(0.05)
     if proc.returncode:
-        raise SystemExit(f"train failed:\n{out[-3000:]}")
+        raise SystemExit(f"train failed:\n{log.read_text()[-3000:]}")
     return {k: v / 1024 for k, v in peak.items()}, time.perf_counter() - start
 
 

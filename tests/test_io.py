@@ -189,29 +189,42 @@ def test_a_broken_link_where_a_folder_goes_is_named(tmp_path):
         io.write_json(tmp_path / "metrics/x.json", {})
 
 
-def rss_file_mb() -> int:
-    """This process's resident file-backed pages (mapped files), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1]) // 1024
-    raise AssertionError("no RssFile in /proc/self/status")
+def mapped_mb(path: Path) -> int:
+    """Resident MB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if "-" in parts[0] and len(parts) >= 5:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(parts[1])
+    return total // 1024
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_reading_a_mapped_array_keeps_resident_pages_within_the_budget(tmp_path):
+def test_array_rows_read_the_same_rows_without_mapping_the_file(tmp_path):
     path = tmp_path / "images.npy"
-    np.save(path, np.random.default_rng(0).integers(0, 255, (24_000, 64, 64, 1), np.uint8))
-    peaks = {}
-    for budget in (10**15, 8 * 2**20):  # no release, then every 8 MB
-        images = np.asarray(np.load(path, mmap_mode="r"))  # as load_split hands it on
-        assert io.mapped_buffer(images) is not None and io.mapped_buffer(images[5:9]) is not None
-        pages, start, peak = io.ResidentPages(images, budget), rss_file_mb(), 0
-        for first in range(0, len(images), 256):
-            batch = np.take(images, np.arange(first, min(first + 256, len(images))), axis=0)
-            pages.read(batch.nbytes)
-            peak = max(peak, rss_file_mb() - start)
-        peaks[budget] = peak
-        del images, pages
-    assert peaks[10**15] > 80  # all 94 MB of the file end up resident
-    assert peaks[8 * 2**20] <= 16, peaks  # the budget, plus at most one batch
-    assert io.mapped_buffer(np.zeros(3)) is None
+    data = np.random.default_rng(0).integers(0, 255, (24_000, 64, 64, 1), np.uint8)
+    np.save(path, data)
+    images = np.asarray(np.load(path, mmap_mode="r"))  # as load_split hands it on
+    rows = io.ArrayRows(images)
+    assert rows.path == str(path)
+    order = np.random.default_rng(1).permutation(len(data))
+    for first in range(0, len(order), 512):  # a shuffled epoch
+        chosen = order[first : first + 512]
+        assert np.array_equal(rows.take(chosen), data[chosen])
+    assert np.array_equal(rows.slice(23_990, 24_100), data[23_990:])
+    if Path("/proc/self/smaps").exists():
+        assert mapped_mb(path) == 0  # through the map, one shuffled batch maps ~all 94 MB
+    # arrays in memory, and views that are not the whole file, are indexed as usual
+    assert io.ArrayRows(data).path is None and io.ArrayRows(images[5:]).path is None
+    assert np.array_equal(io.ArrayRows(images[5:]).take([0, 3]), data[[5, 8]])
+
+
+def test_array_rows_name_a_truncated_file(tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((10, 4, 4, 1), np.uint8))
+    rows = io.ArrayRows(np.asarray(np.load(path, mmap_mode="r")))
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size - 40)
+    with pytest.raises(OSError, match=r"images\.npy: short read"):
+        rows.take([9])

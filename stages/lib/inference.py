@@ -17,7 +17,7 @@ from torch import nn
 
 from stages.lib import paths
 from stages.lib.checkpoint import ModelMeta
-from stages.lib.io import ResidentPages, check_model_matches_data, read_processed, targets
+from stages.lib.io import ArrayRows, check_model_matches_data, read_processed, targets
 from stages.lib.models import load_checkpoint, memory_format, select_device
 
 TTA_SHIFT = 1 / 32  # of the image side: 2 px at 64 px
@@ -37,12 +37,11 @@ def to_tensor_batch(images: np.ndarray) -> torch.Tensor:
 
 
 def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Consecutive batches; a memory-mapped array's pages are released as they are read."""
-    pages = ResidentPages(images)
+    """Consecutive batches, each read into memory (a memory-mapped array's pages are not
+    mapped into the process: see `ArrayRows`)."""
+    rows = ArrayRows(images)
     for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        yield chunk
-        pages.read(chunk.nbytes)
+        yield rows.slice(start, start + batch_size)
 
 
 def to_probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:

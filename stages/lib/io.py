@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import mmap
 import os
 import re
 import shutil
@@ -347,41 +346,74 @@ def open_npz(path: Path) -> Any:
     return _open_npz(str(path.resolve()), path.stat().st_mtime_ns, os.getpid())
 
 
-RESIDENT_BUDGET = 64 * 2**20  # bytes read from a mapped array between two releases
+class ArrayRows:
+    """Rows of a memory-mapped .npy array read with `os.pread` into fresh memory.
+
+    Reading through the mapping would make every page touched resident in this process,
+    and the kernel maps whole folios around each fault (64 KiB, up to 2 MiB with large
+    folios), so a scattered batch of 256 rows maps hundreds of MB and peak RSS grows with
+    the dataset. `pread` copies just the rows; the file stays in the kernel's page cache,
+    which is not this process's memory. Arrays in memory are indexed as usual.
+    """
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        mapped = _mapped_origin(array)
+        self.path = None if mapped is None else str(mapped.filename)
+        self.offset = 0 if mapped is None else int(mapped.offset)
+        self.row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
+        self._fd: tuple[int, int] | None = None  # (pid, fd): loader workers open their own
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def _file(self) -> int:
+        if self._fd is None or self._fd[0] != os.getpid():
+            self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
+        return self._fd[1]
+
+    def take(self, indices: Any) -> np.ndarray:
+        """Rows at `indices`, as a new (len(indices), ...) array."""
+        if self.path is None:
+            return np.take(self.array, indices, axis=0)
+        out = np.empty((len(indices), *self.array.shape[1:]), self.array.dtype)
+        view, size = memoryview(out).cast("B"), self.row_bytes
+        for j, i in enumerate(np.asarray(indices, dtype=np.int64)):
+            self._read(view[j * size : (j + 1) * size], int(i) * size)
+        return out
+
+    def _read(self, target: memoryview, position: int) -> None:
+        if os.preadv(self._file(), [target], self.offset + position) != len(target):
+            raise OSError(f"{self.path}: short read at byte {position} (file truncated?)")
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 in one read."""
+        stop = min(stop, len(self.array))
+        if self.path is None:
+            return self.array[start:stop]
+        out = np.empty((stop - start, *self.array.shape[1:]), self.array.dtype)
+        if out.nbytes:
+            self._read(memoryview(out).cast("B"), start * self.row_bytes)
+        return out
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._fd[0] == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd[1])
+
+    def __getstate__(self) -> dict:  # spawned loader workers reopen the file
+        return {**self.__dict__, "_fd": None}
 
 
-def mapped_buffer(array: np.ndarray) -> mmap.mmap | None:
-    """The mmap behind a memory-mapped array (np.load(..., mmap_mode="r"), views and
-    np.asarray of it included), or None for an array in memory."""
+def _mapped_origin(array: np.ndarray) -> np.memmap | None:
+    """The whole-file np.memmap an array is a full, C-ordered view of, else None."""
     obj: Any = array
     while obj is not None:
-        if isinstance(obj, mmap.mmap):
-            return obj
-        if isinstance(getattr(obj, "_mmap", None), mmap.mmap):
-            return obj._mmap
+        if isinstance(obj, np.memmap) and getattr(obj, "filename", None):
+            whole = obj.shape == array.shape and obj.dtype == array.dtype
+            return obj if whole and obj.flags.c_contiguous and array.flags.c_contiguous else None
         obj = getattr(obj, "base", None)
     return None
-
-
-class ResidentPages:
-    """Keeps a memory-mapped array from filling this process's resident memory: every page
-    read stays mapped (and counted in RSS) until released, so after each `budget` bytes read
-    the mapping's pages are dropped from the process (MADV_DONTNEED). The kernel keeps them
-    in its page cache, so reading them again costs a page fault, not a disk read; peak RSS
-    then stays flat whatever the dataset size. A no-op for arrays in memory."""
-
-    def __init__(self, array: np.ndarray, budget: int = RESIDENT_BUDGET) -> None:
-        self._map = mapped_buffer(array)
-        self.budget, self._read = budget, 0
-
-    def read(self, nbytes: int) -> None:
-        """Count `nbytes` read from the array; release its pages once over the budget."""
-        if self._map is None or self._map.closed:
-            return
-        self._read += nbytes
-        if self._read >= self.budget and hasattr(self._map, "madvise"):
-            self._map.madvise(mmap.MADV_DONTNEED)
-            self._read = 0
 
 
 def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, pd.DataFrame, dict]:

@@ -24,7 +24,7 @@ from stages.lib import metrics, runtime
 from stages.lib.augment import BatchAugment
 from stages.lib.checkpoint import ModelMeta
 from stages.lib.inference import predict
-from stages.lib.io import ResidentPages, read_processed, targets
+from stages.lib.io import ArrayRows, read_processed, targets
 from stages.lib.models import head_names, memory_format, select_device, trainable_parameters
 from stages.lib.optim import LRSchedule, build_loss, build_optimizer, build_sampler
 from stages.lib.params import AugmentParams, TrainParams
@@ -62,7 +62,7 @@ class ArrayDataset(Dataset):
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, transform: nn.Module | None):
         self.images, self.targets, self.transform = images, targets, transform
-        self.pages = ResidentPages(images)  # memory-mapped images: RSS stays bounded
+        self.rows = ArrayRows(images)  # memory-mapped images: read rows, not pages
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -72,9 +72,7 @@ class ArrayDataset(Dataset):
         return x[0], y[0]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = np.take(self.images, indices, axis=0)
-        self.pages.read(batch.nbytes)
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2)
+        x = torch.from_numpy(self.rows.take(indices)).permute(0, 3, 1, 2)
         if self.transform is not None:
             x = torch.stack([self.transform(img) for img in x])
         return x, torch.from_numpy(np.take(self.targets, indices, axis=0))
