@@ -105,6 +105,10 @@ def test_apply_names_bad_keys_and_unknown_recipes(in_tmp):
         result.output
     )
     assert not (in_tmp / "params.yaml").exists()
+    (in_tmp / "params.yaml").write_text("data: [unclosed\n")
+    result = CliRunner().invoke(app, ["recipe", "apply", "003-cxr-pneumonia", "-S", "data.path=f"])
+    assert result.exit_code == 1 and "params.yaml: not valid YAML" in result.output
+    assert (in_tmp / "params.yaml").read_text() == "data: [unclosed\n"
     result = CliRunner().invoke(app, ["recipe", "apply", "005-nothing"])
     assert "recipe '005-nothing' not found" in result.output and "001-mura" in result.output
     result = CliRunner().invoke(app, ["recipe", "show", "002-brain-mri"])

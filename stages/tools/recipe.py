@@ -182,7 +182,13 @@ def apply(name: str, sets: list[str], params_file: Path = paths.PARAMS) -> str:
     given = parse_sets(sets)
     current: dict = {}
     if params_file.is_file():
-        current = yaml.safe_load(params_file.read_text()) or {}
+        try:
+            current = yaml.safe_load(params_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(
+                f"{params_file}: not valid YAML ({exc}); fix it or move it away, then apply "
+                "the recipe again"
+            ) from None
     values = _merge(Params().model_dump(mode="json"), recipe.overlay)
     kept = []
     for req in recipe.requires:  # the user's data location survives switching recipes
