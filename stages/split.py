@@ -100,7 +100,12 @@ def run(
         )
     splits = dict(before)
     splits["train"] = undersample(
-        before["train"], params.undersample, params.ratio, params.max_per_class, params.seed, strata
+        before["train"],
+        params.undersample,
+        params.ratio,
+        params.max_per_class,
+        params.seed,
+        multilabel,
     )
     kept = pd.Series("", index=manifest.index)
     for s in SPLITS:

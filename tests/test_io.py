@@ -1,3 +1,4 @@
+import pickle
 from io import BytesIO
 from pathlib import Path
 
@@ -218,6 +219,11 @@ def test_array_rows_read_the_same_rows_without_mapping_the_file(tmp_path):
     # arrays in memory, and views that are not the whole file, are indexed as usual
     assert io.ArrayRows(data).path is None and io.ArrayRows(images[5:]).path is None
     assert np.array_equal(io.ArrayRows(images[5:]).take([0, 3]), data[[5, 8]])
+    mapped = np.load(path, mmap_mode="r")  # a memmap's slices are memmaps with its offset
+    assert io.ArrayRows(mapped).path == str(path) and io.ArrayRows(mapped[5:]).path is None
+    assert np.array_equal(io.ArrayRows(mapped[5:]).slice(0, 2), data[5:7])
+    clone = pickle.loads(pickle.dumps(rows))  # a spawned loader worker gets the path only
+    assert clone.array is None and np.array_equal(clone.take([7, 2]), data[[7, 2]])
 
 
 def test_array_rows_name_a_truncated_file(tmp_path):
@@ -226,5 +232,5 @@ def test_array_rows_name_a_truncated_file(tmp_path):
     rows = io.ArrayRows(np.asarray(np.load(path, mmap_mode="r")))
     with path.open("r+b") as f:
         f.truncate(path.stat().st_size - 40)
-    with pytest.raises(OSError, match=r"images\.npy: short read"):
+    with pytest.raises(OSError, match=r"images\.npy: ends before byte"):
         rows.take([9])

@@ -189,8 +189,7 @@ def run_workflow(path: Path, secrets: dict[str, str]) -> dict[str, str]:
     job_env, steps = workflow_steps()
     values = {f"secrets.{k}": v for k, v in secrets.items()} | {"github.base_ref": "main"}
     env = base_env() | {k: expression(v, values) for k, v in job_env.items()}
-    if secrets.get("AWS_ACCESS_KEY_ID"):
-        env["AWS_DEFAULT_REGION"] = "us-east-1"
+    env["AWS_DEFAULT_REGION"] = "us-east-1"
     os.symlink(sys.prefix, path / ".venv")
     outputs: dict[str, dict[str, str]] = {}
     logs = {}
@@ -208,10 +207,15 @@ def run_workflow(path: Path, secrets: dict[str, str]) -> dict[str, str]:
                 continue
         output_file, summary_file = path / ".gh-output", path / ".gh-summary"
         output_file.write_text("")
-        step_env = env | {
-            "GITHUB_OUTPUT": str(output_file),
-            "GITHUB_STEP_SUMMARY": str(summary_file),
-        }
+        own = {k: expression(v, values) for k, v in (step.get("env") or {}).items()}
+        step_env = (
+            env
+            | own
+            | {
+                "GITHUB_OUTPUT": str(output_file),
+                "GITHUB_STEP_SUMMARY": str(summary_file),
+            }
+        )
         script = expression(step["run"], values)
         done = subprocess.run(
             ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
@@ -256,6 +260,11 @@ def test_pull_request_workflow_with_the_remote_restores_unchanged_stages(lab):
     assert "Fail when the gate metric dropped" not in logs
     assert SECRET not in (path / ".dvc/config").read_text()  # only in config.local's absence
     assert "ci" in sh(path, lab["env"], "dvc", "remote", "list", "--local")
+    # the keys reach the pull and push steps only, never the pipeline (the PR's code)
+    _, steps = workflow_steps()
+    for step in steps:
+        keys = set(step.get("env") or {})
+        assert ("AWS_SECRET_ACCESS_KEY" in keys) == ("dvc p" in step.get("run", "")), step["name"]
 
 
 def test_pull_request_workflow_without_secrets_computes_everything(lab):
@@ -266,7 +275,8 @@ def test_pull_request_workflow_without_secrets_computes_everything(lab):
     # everything is computed; embed's outputs are all git-tracked, so once the retrained
     # model comes out byte-identical, its inputs and outputs match dvc.lock and DVC skips it
     assert set(STAGES) - {"embed"} <= ran(repro), repro
-    assert "no MEDPIPE_REMOTE_URL secret" in next(v for k, v in logs.items() if "remote" in k)
+    pull = next(v for k, v in logs.items() if k.startswith("Pull from"))
+    assert "no MEDPIPE_REMOTE_URL secret" in pull
     assert (path / "summary.md").read_text().startswith("## medpipe")
 
 

@@ -168,19 +168,23 @@ def test_multilabel_strata_use_the_rarest_label():
     assert strata.tolist() == ["rare", "common", "", "mid", "mid"]
 
 
-def test_multilabel_undersampling_caps_the_rarest_label_strata(tmp_path):
-    manifest = make_manifest(n_patients=100, labels=("", "", "", "", "a", "a|b", "b", "a|c"))
+def test_multilabel_undersampling_cuts_only_images_without_a_finding(tmp_path):
+    manifest = make_manifest(n_patients=100, labels=("", "", "", "", "", "a", "a|b", "c"))
     write_raw(tmp_path / "raw", manifest, classes=("a", "b", "c"), task="multilabel")
     split.run(
-        SplitParams(undersample="ratio", ratio=2.0),
+        SplitParams(undersample="ratio", ratio=1.5),
         tmp_path / "raw",
         tmp_path / "split",
         tmp_path / "split.json",
     )
     train = pd.read_csv(tmp_path / "split/train.csv", keep_default_na=False)
-    strata = splitting.rarest_label(train["label"], ["a", "b", "c"]).value_counts()
-    # before: 4 unlabelled rows per 1 of rarest label c; after: at most 2 (ratio 2)
-    assert 0 < strata[""] <= 2 * strata["c"] and strata["b"] > strata["c"]
+    audit = json.loads((tmp_path / "split.json").read_text())
+    empty = (train["label"] == "").sum()
+    found = len(train) - empty
+    assert empty == int(1.5 * found)  # 5 of 8 before: cut to 1.5 x the images with findings
+    # every image with a finding is kept: no finding loses positives
+    assert audit["train"]["class_counts"] == audit["train"]["class_counts_before"]
+    assert audit["train"]["n_images"] < audit["train"]["n_images_before"]
 
 
 def test_duplicate_check_is_fast_on_many_images():

@@ -347,51 +347,58 @@ def open_npz(path: Path) -> Any:
 
 
 class ArrayRows:
-    """Rows of a memory-mapped .npy array read with `os.pread` into fresh memory.
+    """Rows of a memory-mapped .npy array read with `os.preadv` into fresh memory.
 
     Reading through the mapping would make every page touched resident in this process,
     and the kernel maps whole folios around each fault (64 KiB, up to 2 MiB with large
     folios), so a scattered batch of 256 rows maps hundreds of MB and peak RSS grows with
-    the dataset. `pread` copies just the rows; the file stays in the kernel's page cache,
-    which is not this process's memory. Arrays in memory are indexed as usual.
+    the dataset. `preadv` copies just the rows; the file stays in the kernel's page cache,
+    which is not this process's memory. Arrays in memory, views of part of a file, and
+    systems without `os.preadv` are indexed as usual.
     """
 
     def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-        mapped = _mapped_origin(array)
-        self.path = None if mapped is None else str(mapped.filename)
-        self.offset = 0 if mapped is None else int(mapped.offset)
+        self.array: np.ndarray | None = array
+        self.shape, self.dtype = array.shape, array.dtype
+        origin = _whole_file(array) if hasattr(os, "preadv") else None
+        self.path = None if origin is None else str(origin.filename)
+        self.offset = 0 if origin is None else int(origin.offset)
         self.row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
         self._fd: tuple[int, int] | None = None  # (pid, fd): loader workers open their own
 
     def __len__(self) -> int:
-        return len(self.array)
+        return self.shape[0]
 
     def _file(self) -> int:
         if self._fd is None or self._fd[0] != os.getpid():
             self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
         return self._fd[1]
 
+    def _read(self, target: memoryview, position: int) -> None:
+        """Fill `target` from byte `position` of the array's data (reads may come short)."""
+        done = 0
+        while done < len(target):
+            n = os.preadv(self._file(), [target[done:]], self.offset + position + done)
+            if n == 0:
+                raise OSError(f"{self.path}: ends before byte {position + done} (truncated?)")
+            done += n
+
     def take(self, indices: Any) -> np.ndarray:
         """Rows at `indices`, as a new (len(indices), ...) array."""
         if self.path is None:
             return np.take(self.array, indices, axis=0)
-        out = np.empty((len(indices), *self.array.shape[1:]), self.array.dtype)
+        out = np.empty((len(indices), *self.shape[1:]), self.dtype)
         view, size = memoryview(out).cast("B"), self.row_bytes
         for j, i in enumerate(np.asarray(indices, dtype=np.int64)):
             self._read(view[j * size : (j + 1) * size], int(i) * size)
         return out
 
-    def _read(self, target: memoryview, position: int) -> None:
-        if os.preadv(self._file(), [target], self.offset + position) != len(target):
-            raise OSError(f"{self.path}: short read at byte {position} (file truncated?)")
-
     def slice(self, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 in one read."""
-        stop = min(stop, len(self.array))
+        stop = min(stop, len(self))
         if self.path is None:
             return self.array[start:stop]
-        out = np.empty((stop - start, *self.array.shape[1:]), self.array.dtype)
+        out = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
         if out.nbytes:
             self._read(memoryview(out).cast("B"), start * self.row_bytes)
         return out
@@ -401,19 +408,28 @@ class ArrayRows:
             with contextlib.suppress(OSError):
                 os.close(self._fd[1])
 
-    def __getstate__(self) -> dict:  # spawned loader workers reopen the file
-        return {**self.__dict__, "_fd": None}
+    def __getstate__(self) -> dict:
+        """Pickled (spawned loader workers): a file-backed reader travels as its path, not
+        as a copy of the array; the worker opens the file itself."""
+        state = {**self.__dict__, "_fd": None}
+        if self.path is not None:
+            state["array"] = None
+        return state
 
 
-def _mapped_origin(array: np.ndarray) -> np.memmap | None:
-    """The whole-file np.memmap an array is a full, C-ordered view of, else None."""
-    obj: Any = array
-    while obj is not None:
+def _whole_file(array: np.ndarray) -> np.memmap | None:
+    """The np.memmap of a whole .npy file that `array` views entirely (same first byte,
+    shape and C order), else None. Slices of a memmap are memmaps too and keep the file's
+    `offset`, so the data pointer is what tells a part from the whole."""
+    root, obj = None, array
+    while obj is not None:  # the outermost memmap, the one created over the file
         if isinstance(obj, np.memmap) and getattr(obj, "filename", None):
-            whole = obj.shape == array.shape and obj.dtype == array.dtype
-            return obj if whole and obj.flags.c_contiguous and array.flags.c_contiguous else None
+            root = obj
         obj = getattr(obj, "base", None)
-    return None
+    if root is None or not (root.flags.c_contiguous and array.flags.c_contiguous):
+        return None
+    same = array.shape == root.shape and array.dtype == root.dtype
+    return root if same and array.ctypes.data == root.ctypes.data else None
 
 
 def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, pd.DataFrame, dict]:

@@ -95,7 +95,7 @@ def find_weights(name: str, weights: str | None = None) -> tuple[dict[str, torch
     weights package. Nothing is downloaded.
     """
     if weights:
-        path = Path(weights)
+        path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"model.weights: {path} not found")
         return load_weights_file(path), str(path)

@@ -207,12 +207,16 @@ class SplitParams(Section):
     undersample: Literal["none", "majority", "ratio"] = Field(
         "none",
         description="Training split only: majority cuts every class to the smallest class; "
-        "ratio cuts every class to split.ratio x the smallest class (multi-label: classes "
-        "are each image's rarest label, images without labels one more class).",
+        "ratio cuts every class to split.ratio x the smallest class. Multi-label: only the "
+        "images without a finding are cut, to as many (majority) or split.ratio x as many "
+        "(ratio) as the images with one.",
     )
     ratio: float = Field(1.5, ge=1.0, description="Cap per class as a multiple of the smallest.")
     max_per_class: int | None = Field(
-        None, ge=1, description="Optional cap of training images per class."
+        None,
+        ge=1,
+        description="Optional cap of training images per class (multi-label: of images "
+        "without a finding).",
     )
     seed: int = Field(0, description="Seed of the split and of undersampling.")
     allow_duplicates: bool = Field(

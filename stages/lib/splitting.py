@@ -160,22 +160,32 @@ def undersample(
     ratio: float,
     max_per_class: int | None,
     seed: int,
-    strata: pd.Series | None = None,
+    multilabel: bool = False,
 ) -> pd.DataFrame:
     """Randomly drop images of the larger classes (keeps row order).
 
-    `strata` (indexed like `frame`) replaces the label as the unit that is capped: for
-    multi-label data each row's rarest positive label, "" for rows without any (the
-    "no finding" majority that lung-disease studies undersample), as the split stratifies.
+    Multi-label data: only the images without any finding are cut (the "no finding"
+    majority that lung-disease studies undersample), to as many as the images with a
+    finding (majority), `ratio` times as many (ratio), at most `max_per_class`; images
+    with findings are all kept, so no finding loses positives.
     """
-    key = frame["label"] if strata is None else strata.loc[frame.index]
-    counts = key.value_counts()
+    rng = np.random.default_rng(seed)
+    if multilabel:
+        empty = frame["label"].astype(str).str.strip() == ""
+        found = int((~empty).sum())
+        cap = {"none": np.inf, "majority": found, "ratio": ratio * found}[how]
+        if max_per_class is not None:
+            cap = min(cap, max_per_class)
+        rows = frame.index[empty].to_numpy()
+        n = int(min(len(rows), cap))
+        keep = [*frame.index[~empty], *rng.choice(rows, n, replace=False)]
+        return frame.loc[sorted(keep)]
+    counts = frame["label"].value_counts()
     cap = {"none": np.inf, "majority": counts.min(), "ratio": ratio * counts.min()}[how]
     if max_per_class is not None:
         cap = min(cap, max_per_class)
-    rng = np.random.default_rng(seed)
     keep = []
-    for _label, rows in frame.groupby(key):
+    for _label, rows in frame.groupby("label"):
         n = int(min(len(rows), cap))
         keep.extend(rng.choice(rows.index.to_numpy(), n, replace=False))
     return frame.loc[sorted(keep)]

@@ -61,7 +61,7 @@ class ArrayDataset(Dataset):
     gather (`__getitems__`), not one Python call per image."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, transform: nn.Module | None):
-        self.images, self.targets, self.transform = images, targets, transform
+        self.targets, self.transform = targets, transform
         self.rows = ArrayRows(images)  # memory-mapped images: read rows, not pages
 
     def __len__(self) -> int:

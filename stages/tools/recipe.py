@@ -155,7 +155,9 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def missing_requirements(recipe: Recipe, values: dict, base: Path) -> list[str]:
-    """One line per required key that is unset or names a path that does not exist."""
+    """One line per required key that is unset or names a path that does not exist; the
+    paths that exist are written back absolute (`~` expanded, relative to `base`), so
+    they hold wherever DVC runs the stage (queued experiments run in .dvc/tmp/exps)."""
     problems = []
     for req in recipe.requires:
         value = _get(values, req.key)
@@ -163,10 +165,12 @@ def missing_requirements(recipe: Recipe, values: dict, base: Path) -> list[str]:
             problems.append(f"{req.key}: not set ({req.what})")
         elif req.kind in ("file", "folder"):
             target = Path(str(value)).expanduser()
-            target = target if target.is_absolute() else base / target
+            target = (target if target.is_absolute() else base / target).resolve()
             exists = target.is_file() if req.kind == "file" else target.is_dir()
             if not exists:
                 problems.append(f"{req.key}: {value} is not an existing {req.kind} ({req.what})")
+            else:
+                _set(values, req.key, str(target))
     return problems
 
 
