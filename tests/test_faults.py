@@ -303,7 +303,10 @@ def test_csv_patient_ids_written_as_nan_count_as_missing(tmp_path):
         rows.append({"image": name, "label": "ab"[i % 2], "patient": patient})
     pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
     params = DataParams(
-        source="csv", path=str(tmp_path / "t.csv"), columns={"patient_id": "patient"}
+        source="csv",
+        path=str(tmp_path / "t.csv"),
+        columns={"patient_id": "patient"},
+        positive_class="b",  # neither a nor b says "normal"
     )
     line = download.run(params, tmp_path / "raw")
     assert "WARNING: 4 image(s) without a patient id count as their own patient" in line
