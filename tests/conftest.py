@@ -53,6 +53,10 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def subprocess_env() -> dict[str, str]:
+    return child_env()
+
+
+def child_env() -> dict[str, str]:
     """Environment for child processes: this interpreter's bin first on PATH, quiet DVC."""
     env = dict(os.environ)
     env["PATH"] = BIN + os.pathsep + env.get("PATH", "")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, child_env, write_params
 
 pytestmark = pytest.mark.slow
 STAGES = (
@@ -53,17 +53,7 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def env() -> dict:
-    import os
-    import sys
-
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["DVC_NO_ANALYTICS"] = "1"
-    for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
-        env[key] = "medpipe-test"
-    for key in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        env[key] = "test@example.invalid"
-    return env
+    return child_env()
 
 
 def test_repro_runs_every_stage_then_nothing(repo, env):

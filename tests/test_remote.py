@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, ROOT, write_params
+from tests.conftest import ROOT, child_env, write_params
 from tests.test_pipeline import AFTER_TRAIN, STAGES, ran
 
 pytestmark = pytest.mark.slow
@@ -78,14 +78,8 @@ def s3() -> dict[str, str]:
 
 
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
-    env["DVC_NO_ANALYTICS"] = "1"
-    for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
-        env[key] = "medpipe-test"
-    for key in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        env[key] = "test@example.invalid"
-    return env
+    """The tests' child environment without any AWS_ variable of this machine."""
+    return {k: v for k, v in child_env().items() if not k.startswith("AWS_")}
 
 
 @pytest.fixture(scope="module")
