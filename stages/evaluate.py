@@ -26,6 +26,7 @@ from stages.lib.io import (
     write_csv,
     write_result,
 )
+from stages.lib.labels import call_positive
 from stages.lib.params import EvaluateParams
 
 GROUP_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
@@ -279,8 +280,7 @@ def write_plots(
         predicted, correct = names[pred], pred == y
     table = frame[keep].assign(label=frame["label"], predicted=predicted, correct=correct)
     if threshold is not None and positive is not None:
-        called = probs[:, positive] >= threshold
-        table["predicted_at_threshold"] = np.where(called, names[positive], names[1 - positive])
+        table["predicted_at_threshold"] = call_positive(probs, classes, positive, threshold)
     write_csv(out / "predictions.csv", table.assign(**columns))
     roc, pr = curve_tables(y, probs, classes, multilabel)
     for name in roc:

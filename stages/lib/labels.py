@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 # whole words (so "abnormal" is not "normal"); multi-word names are matched as phrases
 NEGATIVE_WORDS = frozenset(
     {"normal", "negative", "healthy", "benign", "control", "controls", "nofinding", "none"}
@@ -65,3 +67,12 @@ def positive_class(classes: list[str], task: str, chosen: str | None) -> str | N
         "normal/negative one, so the positive class (whose sensitivity, specificity and "
         f"threshold are reported) must be named: set data.positive_class to one of {classes}"
     )
+
+
+def call_positive(
+    probs: np.ndarray, classes: list[str], positive: int, threshold: float
+) -> np.ndarray:
+    """Binary decisions by name: the positive class where its probability reaches
+    `threshold`, the other class elsewhere."""
+    names = np.asarray(classes)
+    return np.where(probs[:, positive] >= threshold, names[positive], names[1 - positive])

@@ -21,6 +21,7 @@ from stages.lib.collect import visible
 from stages.lib.images import IMAGE_SUFFIXES, image_kind, prepare_image, read_image
 from stages.lib.inference import LoadedModel, load_model
 from stages.lib.io import atomic_path, safe_name, write_csv
+from stages.lib.labels import call_positive
 from stages.lib.params import PreprocessParams
 from stages.lib.paths import MODEL
 
@@ -85,8 +86,7 @@ def prediction_table(
     if meta.multilabel:
         predicted = ["|".join(names[row >= 0.5]) for row in probs]
     elif threshold is not None and pos is not None:
-        called = probs[:, pos] >= threshold
-        predicted = np.where(called, names[pos], names[1 - pos]).tolist()
+        predicted = call_positive(probs, meta.classes, pos, threshold).tolist()
     else:
         predicted = names[probs.argmax(axis=1)].tolist()
     columns = {f"prob_{c}": probs[:, k].round(6) for k, c in enumerate(names)}
