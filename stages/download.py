@@ -63,8 +63,11 @@ def build_synthetic(params: DataParams, out: Path) -> RawData:
             if ph.mask is not None:
                 add_mask(ph.key, ph.mask)
             mask_ref = "" if ph.mask is None else f"masks.npz#{ph.key}"
-            rows.append((f"images.npz#{ph.key}", ph.label, ph.patient_id, "", mask_ref))
-    manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, "mask"])
+            source = synthetic.source_split(syn, ph.site)
+            rows.append(
+                (f"images.npz#{ph.key}", ph.label, ph.patient_id, source, ph.site, mask_ref)
+            )
+    manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, "group", "mask"])
     card = {
         "name": "synthetic-cxr",
         "source": "synthetic",
@@ -72,7 +75,9 @@ def build_synthetic(params: DataParams, out: Path) -> RawData:
         "classes": list(syn.classes),
         "channels": 1,
         "description": "Procedural chest radiograph phantoms (medpipe), seed "
-        f"{syn.seed}, difficulty {syn.difficulty}",
+        f"{syn.seed}, difficulty {syn.difficulty}"
+        + (f"; sites {', '.join(s.name for s in syn.sites)}" if syn.sites else "")
+        + (f"; test site {syn.test_site} (held out)" if syn.test_site else ""),
         "license": "CC0-1.0 (generated)",
     }
     return RawData(manifest, card, np.stack(thumbs), NO_REJECTS, [])

@@ -4,6 +4,7 @@ figures."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from stages.lib import metrics, paths, statistics
+from stages.lib import metrics, paths, shift, statistics
 from stages.lib.inference import (
     LoadedModel,
     count_parameters,
@@ -46,6 +47,7 @@ HEADLINE = (
     "ece",
     "f1_micro",
     "hamming_loss",
+    "shift_flags",
 )
 
 
@@ -142,6 +144,9 @@ def threshold_report(
         )
     except ValueError as exc:
         chosen, report["fallback"] = 0.5, str(exc)
+    # reported with 4 decimals and applied as reported; rounded down, so the images the
+    # method called positive stay positive (a sensitivity target stays met)
+    chosen = math.floor(chosen * 1e4) / 1e4
     val = metrics.binary_at_threshold(y_val, p_val, chosen)
     return {
         **report,
@@ -237,6 +242,10 @@ def normalized_confusion(pairs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     return long.rename_axis(["actual", "predicted"]).reset_index()
 
 
+def patient_ids(frame: pd.DataFrame) -> np.ndarray | None:
+    return frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame else None
+
+
 def deployment_figures(model: LoadedModel, model_file: Path, runs: int) -> dict:
     """Parameters, checkpoint size and batch-1 latency on the device used."""
     device = model.device
@@ -304,12 +313,28 @@ def run(
     classes, multilabel = model.meta.classes, model.meta.multilabel
     test = score_split(model, processed_dir, "test", params.batch_size, params.tta)
     frame, y, probs = test.frame, test.y, test.probs
-    patients = frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame else None
+    patients = patient_ids(frame)
     result = evaluate_probs(y, probs, classes, params, multilabel, patients)
     result["tta"] = params.tta
     threshold, pos = None, model.meta.positive_index
+    val = (
+        None
+        if multilabel
+        else score_split(model, processed_dir, "val", params.batch_size, params.tta)
+    )
+    shift_table = None
+    if val is not None and params.bootstrap:
+        shift_table = shift.compare_splits(
+            (val.y, val.probs, patient_ids(val.frame)),
+            (y, probs, patients),
+            classes,
+            params.bootstrap,
+            params.seed,
+            params.calibration_bins,
+        )
+        result["shift"] = shift.summarize_shift(shift_table)
+        result["shift_flags"] = result["shift"]["flagged"]
     if pos is not None:
-        val = score_split(model, processed_dir, "val", params.batch_size, params.tta)
         positive = classes[pos]
         result["positive_class"] = positive
         result["threshold"] = threshold_report(
@@ -325,6 +350,8 @@ def run(
     result.update(deployment_figures(model, model_file, params.latency_runs))
     with atomic_dir(plots_dir) as tmp:
         write_plots(tmp, frame, y, probs, classes, params, multilabel, threshold, pos)
+        if shift_table is not None:
+            write_csv(tmp / "shift.csv", shift_table.astype({"val_ci": str, "test_ci": str}))
     write_result(metrics_file, result, HEADLINE)
     ci = result.get("ci", {}).get("accuracy")
     ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
@@ -336,6 +363,8 @@ def run(
             f"{result['sensitivity']:.3f}, specificity {result['specificity']:.3f}"
         )
     latency = f", {result['latency_ms']:.1f} ms/image" if "latency_ms" in result else ""
+    if shift_table is not None:
+        latency += f"; {shift.headline_text(shift_table)}"
     return (
         f"evaluate: {len(y):,} test images: accuracy {result['accuracy']:.3f}{ci_text}, "
         f"balanced {result['balanced_accuracy']:.3f}, F1 {result['f1_macro']:.3f}, {kappa}"

@@ -21,14 +21,21 @@ import torch
 from stages.lib import paths, pipeline, runtime
 from stages.lib.checkpoint import ModelMeta
 from stages.lib.io import atomic_dir, write_csv, write_result
-from stages.lib.models import build_model, pretrained_norm, save_checkpoint, select_device
+from stages.lib.models import (
+    Ensemble,
+    build_architecture,
+    build_model,
+    pretrained_norm,
+    save_checkpoint,
+    select_device,
+)
 from stages.lib.params import AugmentParams, ModelParams, TrainParams
 from stages.lib.runtime import DistInfo
-from stages.lib.training import fit, load_split, open_live
+from stages.lib.training import fit, load_split, open_live, validate
 
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
 # metrics/train.json; the timings (hardware figures) go to metrics/detail/train.json
-HEADLINE = ("best_epoch", "epochs_run", "device", "processes", "hardware")
+HEADLINE = ("best_epoch", "best_weights", "epochs_run", "device", "processes", "hardware")
 
 
 def build_meta(
@@ -69,6 +76,7 @@ def summarize(history: list[dict], params: TrainParams, info: DistInfo, seconds:
     images = sum(r["images_per_second"] * r["epoch_seconds"] for r in history)
     return {
         "best_epoch": best_row["epoch"],
+        "best_weights": best_row.get("weights", "raw"),  # "ema": the weight average won
         "epochs_run": len(history),
         f"best_{params.monitor}": round(best_row[params.monitor], 4),
         "train_seconds": round(seconds, 1),
@@ -80,13 +88,90 @@ def summarize(history: list[dict], params: TrainParams, info: DistInfo, seconds:
 
 
 def write_summary(
-    metrics_file: Path, history: list[dict], params: TrainParams, info: DistInfo, start: float
+    metrics_file: Path,
+    history: list[dict],
+    params: TrainParams,
+    info: DistInfo,
+    start: float,
+    extra: dict | None = None,
 ) -> dict:
     """metrics/train.json (headline) and its detail (timings), rewritten after every epoch:
     `dvc exp show` follows a run live; the last write is the run's summary."""
-    summary = summarize(history, params, info, time.perf_counter() - start)
-    write_result(metrics_file, summary, (*HEADLINE, f"best_{params.monitor}"))
+    summary = summarize(history, params, info, time.perf_counter() - start) | (extra or {})
+    keys = (*HEADLINE, f"best_{params.monitor}", "members", f"ensemble_{params.monitor}")
+    write_result(metrics_file, summary, keys)
     return summary
+
+
+def fit_members(
+    model: torch.nn.Module,
+    settings: tuple[ModelParams, TrainParams, AugmentParams],
+    train: tuple,
+    val: tuple,
+    meta: ModelMeta,
+    live,
+    resume: tuple[Path, str],
+    info: DistInfo,
+    on_epoch,
+) -> tuple[list[dict], list[dict]]:
+    """Train the model, or the `train.ensemble` members one after the other (seeds seed,
+    seed + 1, ...); their best states and the history (a `member` column for ensembles).
+
+    An ensemble's resume file also holds the finished members, so a killed run continues
+    with the member it was training, from its last finished epoch.
+    """
+    model_params, params, aug = settings
+    resume_file, run_id = resume
+    k_total = params.ensemble
+    if k_total == 1:
+        state, history = fit(
+            model, train, val, meta, params, aug, model_params.freeze_epochs, live,
+            trainable_from=model_params.trainable_from, resume_file=resume_file,
+            run_id=run_id, info=info, on_epoch=on_epoch,
+        )  # fmt: skip
+        return [state], history
+    saved = runtime.load_resume(resume_file, run_id, remove_stale=False) or {}
+    done: list[dict] = list(saved.get("members_done", []))
+    states, history = [d["state"] for d in done], [r for d in done for r in d["history"]]
+    for k in range(len(done), k_total):
+        member = params.model_copy(update={"seed": params.seed + k, "ensemble": 1})
+        if k:  # member 0 is the model built by the caller (seed); the others their own
+            torch.manual_seed(member.seed)
+            model = build_model(model_params, len(meta.classes), meta.channels)
+            if info.world > 1:
+                torch.manual_seed(member.seed + info.rank)
+        extra = {"member": k, "members_done": done}
+        state, rows = fit(
+            model, train, val, meta, member, aug, model_params.freeze_epochs, live,
+            trainable_from=model_params.trainable_from, resume_file=resume_file,
+            run_id=run_id, info=info, resume_extra=extra, final=False,
+            on_epoch=lambda rows, k=k, before=list(history): on_epoch(
+                before + [r | {"member": k} for r in rows]
+            ),
+        )  # fmt: skip
+        rows = [r | {"member": k} for r in rows]
+        states.append(state)
+        history += rows
+        done = [*done, {"state": state, "history": rows}]
+        if info.is_main:  # the finished members survive a kill of the next one
+            between = {"fingerprint": run_id, "finished": False, "members_done": done}
+            runtime.save_resume(resume_file, between)
+    if info.is_main:
+        runtime.save_resume(resume_file, {"fingerprint": run_id, "finished": True})
+    return states, history
+
+
+def assemble(states: list[dict], model: torch.nn.Module, meta: ModelMeta) -> torch.nn.Module:
+    """The model as saved: `model` with its best state, or the `Ensemble` of all members."""
+    if len(states) == 1:
+        model.load_state_dict(states[0])
+        return model
+    members = []
+    for state in states:
+        member = build_architecture(replace(meta, members=1))
+        member.load_state_dict(state)
+        members.append(member)
+    return Ensemble(members, meta.multilabel)
 
 
 def set_threads(info: DistInfo) -> None:
@@ -130,20 +215,16 @@ def run(
         with runtime.sigterm_as_exit(), outputs as tmp:
             # DVCLive writes each epoch as it ends (live view), not through the atomic folder
             live = open_live(live_dir) if tmp else None
-            best_state, history = fit(
+            states, history = fit_members(
                 model,
+                (model_params, params, aug),
                 (train_x, train_y),
                 (val_x, val_y),
                 meta,
-                params,
-                aug,
-                model_params.freeze_epochs,
                 live,
-                trainable_from=model_params.trainable_from,
-                resume_file=resume_file,
-                run_id=run_id,
-                info=info,
-                on_epoch=lambda rows: write_summary(metrics_file, rows, params, info, start),
+                (resume_file, run_id),
+                info,
+                lambda rows: write_summary(metrics_file, rows, params, info, start),
             )
             if tmp is not None:
                 live.end()
@@ -153,12 +234,23 @@ def run(
         runtime.close_distributed()
     if not info.is_main:
         return f"train: rank {info.rank} of {info.world} done"
-    model.load_state_dict(best_state)
-    summary = write_summary(metrics_file, history, params, info, start)
-    save_checkpoint(model_file, model, replace(meta, best_epoch=summary["best_epoch"]))
+    final = assemble(states, model, meta)
+    extra = {}
+    if len(states) > 1:  # the ensemble as shipped, on validation
+        device = select_device(params.device)
+        loss = torch.nn.BCEWithLogitsLoss() if meta.multilabel else torch.nn.CrossEntropyLoss()
+        scores = validate(final.to(device), val_x, val_y, meta, device, loss)
+        value = round(scores[params.monitor.removeprefix("val_")], 4)
+        extra = {"members": len(states), f"ensemble_{params.monitor}": value}
+    summary = write_summary(metrics_file, history, params, info, start, extra)
+    meta = replace(meta, best_epoch=summary["best_epoch"], members=len(states))
+    save_checkpoint(model_file, final.cpu(), meta)
     best = summary[f"best_{params.monitor}"]
+    name = model_params.name + (f" x {len(states)} members" if len(states) > 1 else "")
+    if len(states) > 1:
+        best = summary[f"ensemble_{params.monitor}"]
     return (
-        f"train: {model_params.name}, {len(history)} epochs (best {summary['best_epoch']}, "
+        f"train: {name}, {len(history)} epochs (best {summary['best_epoch']}, "
         f"{params.monitor} {best:.3f}), {summary['images_per_second']:.0f} img/s "
         f"-> {model_file} in {summary['train_seconds']:.1f} s"
     )

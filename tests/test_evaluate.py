@@ -14,7 +14,7 @@ from torch import nn
 
 from stages import evaluate
 from stages.lib.inference import Deployable, LoadedModel, measure_latency, predict, tta_views
-from stages.lib.io import read_result
+from stages.lib.io import read_json, read_result
 from stages.lib.params import EvaluateParams
 from tests.conftest import model_meta, tiny_processed
 
@@ -171,12 +171,19 @@ def test_run_binary_with_groups_writes_threshold_and_group_metrics(tmp_path):
     )
     assert (table["predicted_at_threshold"] == expected).all()
     assert (plots / "pr/pneumonia.csv").exists() and (plots / "calibration.csv").exists()
+    # validation and test compared per class: 2 classes x 3 figures, each with intervals
+    assert result["shift"]["compared"] == 6 and result["shift_flags"] == result["shift"]["flagged"]
+    assert "shift_flags" in read_json(metrics_file)  # a headline figure: `dvc metrics diff`
+    frame = pd.read_csv(plots / "shift.csv")
+    assert set(frame["figure"]) == {"sensitivity", "specificity", "calibration_error"}
+    assert "val/test" in line
 
 
 def test_positive_class_sorting_first_is_the_one_thresholded(tmp_path):
     """MURA's classes sort as [abnormal, normal]: sensitivity, specificity and the
     threshold must be about abnormal, not about the class that sorts second."""
     classes = ["abnormal", "normal"]
+    torch.manual_seed(0)  # a fixed random checkpoint
     processed, checkpoint = tiny_processed(tmp_path, "binary", classes, positive="abnormal")
     metrics_file, plots = tmp_path / "evaluate.json", tmp_path / "plots"
     line = evaluate.run(

@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from stages import evaluate, report
+from stages.lib import shift
 from stages.lib.io import safe_name, write_result
 from stages.lib.params import parse_params
 from tests.conftest import TINY
@@ -134,6 +135,7 @@ def write_inputs(root: Path, classes: list[str], seed: int = 0) -> None:
             g: {"n": 20, "accuracy": 0.8, "roc_auc": 0.9, "ci": {"accuracy": [0.6, 0.95]}}
             for g in ("hand", "wrist")
         },
+        "shift": shift.summarize_shift(shifted_table(classes)),
         "params_millions": 4.9,
         "model_size_mb": 19.6,
         "latency_ms": 3.2,
@@ -203,6 +205,22 @@ def write_inputs(root: Path, classes: list[str], seed: int = 0) -> None:
     )
 
 
+def shifted_table(classes: list[str]):
+    """Val/test comparison where the test split calls a third of class 0 something else."""
+    rng = np.random.default_rng(0)
+    k = len(classes)
+
+    def split(flip):
+        y = np.arange(300) % k
+        probs = np.full((300, k), 0.1 / (k - 1))
+        probs[np.arange(300), y] = 0.9
+        moved = (y == 0) & (rng.random(300) < flip)
+        probs[moved] = np.roll(probs[moved], 1, axis=1)
+        return y, probs, None
+
+    return shift.compare_splits(split(0.02), split(0.4), classes, 200, 0)
+
+
 def build(root: Path, classes: list[str]) -> Path:
     write_inputs(root, classes)
     params_file = root / "params.yaml"
@@ -264,6 +282,15 @@ def test_per_class_and_per_group_tables_show_intervals(built: Path):
         assert f"<th>{column}</th>" in page
     assert "<td>0.700</td><td>[0.600, 0.800]</td>" in page  # recall, then its interval
     assert "<td>hand</td><td>20</td><td>0.800</td><td>[0.600, 0.950]</td>" in page
+
+
+def test_validation_and_test_are_side_by_side_with_the_shift_flag(built: Path):
+    section = built.read_text().split('id="shift"', 1)[1].split("<h2 ", 1)[0]
+    assert "shift: " in section and "figures differ" in section
+    assert "<th>validation</th><th>test</th><th>test - val</th><th>flag</th>" in section
+    row = section.split("<td>normal</td><td>sensitivity</td>", 1)[1].split("</tr>", 1)[0]
+    assert "SHIFT" in row  # a third of the normal test images called something else
+    assert section.count("<td>SHIFT</td>") >= 1
 
 
 def test_user_strings_are_escaped(in_tmp: Path):

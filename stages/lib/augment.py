@@ -5,9 +5,11 @@ one), instead of a Python call per image in the data loader.
 One affine warp per image does what torchvision's RandomResizedCrop (area share in
 [crop_scale, 1], aspect 0.9-1.1, uniform position), RandomRotation (±rotation degrees) and
 RandomHorizontalFlip do; then brightness and contrast factors (ColorJitter), and, with their
-probabilities, autocontrast and sharpness. Rotated corners are filled from the surrounding
-image where the crop has some, else black. The random numbers are drawn on the CPU from the
-loader's generator, so a run is the same on any device and a resumed run continues exactly.
+probabilities, autocontrast and sharpness; then what models another scanner: a detector
+curve (gamma), blur and pixel noise, each image with its own strength. Rotated corners are
+filled from the surrounding image where the crop has some, else black. The random numbers
+are drawn on the CPU from the loader's generator, so a run is the same on any device and a
+resumed run continues exactly.
 The automatic policies (TrivialAugment, RandAugment, AutoAugment) have no batched form: they
 stay per image in the loader (`train.build_transform`).
 """
@@ -84,4 +86,31 @@ class BatchAugment(nn.Module):
         if aug.sharpness > 0:
             sharp = TF.adjust_sharpness(x, SHARPNESS)
             x = torch.where(self.chosen(n, aug.sharpness).to(device), sharp, x)
+        if aug.gamma > 0:
+            gamma = uniform(n, -aug.gamma, aug.gamma, self.generator).exp().view(n, 1, 1, 1)
+            x = x.clamp(min=1e-6) ** gamma.to(device)
+        if aug.blur > 0:
+            sigma = uniform(n, 0.0, aug.blur, self.generator)
+            sigma = torch.where(torch.rand(n, generator=self.generator) < aug.blur_prob, sigma, 0)
+            x = gaussian_blur(x, sigma.to(device), aug.blur)
+        if aug.noise > 0:
+            sd = uniform(n, 0.0, aug.noise, self.generator).view(n, 1, 1, 1)
+            noise = torch.randn(x.shape, generator=self.generator)
+            x = (x + (sd * noise).to(device)).clamp(0, 1)
         return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Blur each image of (B, C, H, W) with its own sigma (B,) in pixels (0 = unchanged):
+    a separable Gaussian of radius 3 x max_sigma, as one grouped convolution per axis."""
+    n, c, h, w = x.shape
+    radius = max(1, math.ceil(3 * max_sigma))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    safe = sigma.clamp(min=1e-3).to(x.dtype)[:, None]
+    kernel = torch.exp(-0.5 * (t[None] / safe) ** 2)
+    kernel = torch.where(sigma[:, None] > 0.05, kernel, (t == 0).to(x.dtype)[None])
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    flat = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(n * c, 1, 1, -1), groups=n * c)
+    flat = F.conv2d(flat, kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return flat.reshape(n, c, h, w)

@@ -22,6 +22,7 @@ from torch import nn
 
 from stages.lib.checkpoint import ModelMeta
 from stages.lib.inference import iter_batches, normalize, to_tensor_batch
+from stages.lib.models import Ensemble
 
 CAMS = {
     "gradcam": GradCAM,
@@ -36,6 +37,17 @@ TILE = 128  # px of an overlay
 
 
 def find_target_layer(
+    model: nn.Module, name: str = "auto", input_size: int | None = None
+) -> tuple[str, nn.Module | list[nn.Module]]:
+    """The module to explain; of an ensemble, that module in every member (Grad-CAM then
+    averages the members' maps of the ensemble's output)."""
+    if isinstance(model, Ensemble):
+        found = [find_layer(m, name, input_size) for m in model.members]
+        return f"members.*.{found[0][0]}", [layer for _, layer in found]
+    return find_layer(model, name, input_size)
+
+
+def find_layer(
     model: nn.Module, name: str = "auto", input_size: int | None = None
 ) -> tuple[str, nn.Module]:
     """The module to explain.
@@ -80,14 +92,15 @@ def compute_cams(
     meta: ModelMeta,
     targets: np.ndarray,
     method: str,
-    layer: nn.Module,
+    layer: nn.Module | list[nn.Module],
     batch_size: int,
     device: torch.device,
 ) -> np.ndarray:
     """(N, S, S) float32 maps in [0, 1] (each scaled to its own maximum) for class `targets[i]`."""
     mean, std = meta.normalization(device)
     out = []
-    with CAMS[method](model=model, target_layers=[layer]) as cam:
+    layers = layer if isinstance(layer, list) else [layer]
+    with CAMS[method](model=model, target_layers=layers) as cam:
         for start, chunk in zip(
             range(0, len(images), batch_size), iter_batches(images, batch_size), strict=True
         ):

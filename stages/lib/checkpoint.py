@@ -35,6 +35,8 @@ class ModelMeta:
         preprocess: the preprocess params the inputs were prepared with.
         positive_class: binary tasks: the class whose probability is thresholded and whose
             sensitivity is reported (`data.positive_class`); None for other tasks.
+        members: models in the checkpoint (`train.ensemble`); more than one are scored
+            as one model, the mean of their probabilities (`models.Ensemble`).
     """
 
     model_name: str
@@ -51,6 +53,7 @@ class ModelMeta:
     weights_source: str | None = None
     best_epoch: int | None = None
     monitor: str | None = None
+    members: int = 1  # > 1: an ensemble of that many models of model_name (mean probability)
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -52,22 +53,53 @@ def build_model(params: ModelParams, num_classes: int, in_chans: int) -> nn.Modu
     Pretrained weights are looked up offline (see `find_weights`); timm adapts the first
     conv to `in_chans` (summing RGB filters for gray input) and drops a mismatched head.
     """
-    model = timm.create_model(
-        params.name,
-        pretrained=False,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        drop_rate=params.dropout,
-    )
+    extra = {"drop_path_rate": params.drop_path} if params.drop_path else {}
+    try:
+        model = timm.create_model(
+            params.name,
+            pretrained=False,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            drop_rate=params.dropout,
+            **extra,
+        )
+    except TypeError as exc:
+        if not extra:
+            raise
+        raise ValueError(
+            f"model.drop_path: {params.name} has no stochastic depth ({exc}); set it to 0 or "
+            "pick a model with residual blocks (resnet*, efficientnet*, mobilenetv3*, convnext*)"
+        ) from exc
     if params.pretrained:
         state_dict, source = find_weights(params.name, params.weights)
         check_weight_keys(model, state_dict, source)
         cfg = {**model.pretrained_cfg, "source": "", "state_dict": state_dict}
         load_pretrained(model, pretrained_cfg=cfg, num_classes=num_classes, in_chans=in_chans)
         model.weights_source = source  # plain attribute: recorded in model.pt's meta
+    kept_head = params.pretrained and num_classes == model.pretrained_cfg.get("num_classes")
     if params.head_hidden:
         add_mlp_head(model, params.head_hidden, params.dropout)
+    if params.head_hidden or not kept_head:  # a new head, not the pretrained classifier
+        zero_head(model)
     return model
+
+
+def zero_head(model: nn.Module) -> None:
+    """Start the classifier's last layer at zero (every class equally likely, loss ln K).
+
+    timm initialises some families' heads for 1000 classes: EfficientNet and MobileNetV3
+    draw uniform(±1/sqrt(num_classes)), which for 3 classes gives logits of sd ~7 and a
+    first loss near 4 instead of ln 3 = 1.1; such a run spends its first epochs unlearning
+    the head, and on small data it never recovers. A zero head (as in BiT) is the same for
+    every family and lets the features, not the init, decide the first steps.
+    """
+    head = model.get_classifier()
+    last = [m for m in head.modules() if isinstance(m, nn.Linear | nn.Conv2d)] or [head]
+    layer = last[-1]
+    if isinstance(layer, nn.Linear | nn.Conv2d):
+        nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
 
 
 def add_mlp_head(model: nn.Module, hidden: int, dropout: float) -> None:
@@ -243,6 +275,56 @@ def save_checkpoint(path: Path | str, model: nn.Module, meta: ModelMeta) -> None
         save_torch(tmp, blob)
 
 
+class Ensemble(nn.Module):
+    """Several models scored as one (`train.ensemble`).
+
+    The output is the log of the members' mean probability, so softmax of it (sigmoid for
+    multi-label, where it is the logit of the mean) is exactly the mean of the members'
+    probabilities: every stage, the export and Grad-CAM use it like a single model. Its
+    features are the members' penultimate features side by side.
+    """
+
+    def __init__(self, members: list[nn.Module], multilabel: bool = False) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.multilabel = multilabel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([m(x).float() for m in self.members])
+        if self.multilabel:
+            p = logits.sigmoid().mean(0).clamp(1e-7, 1 - 1e-7)
+            return p.log() - (-p).log1p()
+        return logits.log_softmax(-1).logsumexp(0) - math.log(len(self.members))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [m.forward_head(m.forward_features(x), pre_logits=True) for m in self.members]
+        return torch.cat(feats, dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not pre_logits:
+            raise ValueError("Ensemble.forward_head: only pre_logits (features) are defined")
+        return x
+
+
+def build_architecture(meta: ModelMeta) -> nn.Module:
+    """The checkpoint's network with untrained weights: one model, or an `Ensemble`."""
+
+    def one() -> nn.Module:
+        model = timm.create_model(
+            meta.model_name,
+            pretrained=False,
+            num_classes=len(meta.classes),
+            in_chans=meta.channels,
+        )
+        if meta.head_hidden:
+            add_mlp_head(model, meta.head_hidden, 0.0)
+        return model
+
+    if meta.members > 1:
+        return Ensemble([one() for _ in range(meta.members)], meta.multilabel)
+    return one()
+
+
 def load_checkpoint(
     path: Path | str, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, ModelMeta]:
@@ -250,10 +332,6 @@ def load_checkpoint(
     path = Path(path)
     blob = read_checkpoint(path)
     meta = ModelMeta.from_dict(blob["meta"], str(path))
-    model = timm.create_model(
-        meta.model_name, pretrained=False, num_classes=len(meta.classes), in_chans=meta.channels
-    )
-    if meta.head_hidden:
-        add_mlp_head(model, meta.head_hidden, 0.0)
+    model = build_architecture(meta)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), meta

@@ -32,8 +32,64 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SiteParams(Section):
+    """One imaging site of the synthetic data: its share of patients, its case mix and how
+    its scanners render a chest (the factors multiply the generator's own random ranges)."""
+
+    name: str = Field(min_length=1, description="Site name (the manifest's `group`).")
+    share: float = Field(gt=0, description="Relative share of the patients from this site.")
+    prevalence: tuple[float, ...] | None = Field(
+        None, description="Share of patients per class at this site; null: the global one."
+    )
+    exposure: float = Field(
+        1.0, gt=0, le=3, description="Display gain (contrast): attenuation x this x 1.4."
+    )
+    gamma: float = Field(
+        1.0, gt=0, le=3, description="Centre of the detector curve's gamma (>1 darker mid-tones)."
+    )
+    noise: float = Field(1.0, ge=0, le=10, description="Factor on the quantum noise.")
+    blur: float = Field(0.0, ge=0, le=5, description="Extra blur sigma of the detector (pixels).")
+    resolution: float = Field(
+        1.0, gt=0.1, le=1, description="Detector resolution as a share of the stored size."
+    )
+    collimation: float = Field(
+        0.5, ge=0, le=1, description="Probability of black collimation borders."
+    )
+    marker: float = Field(0.7, ge=0, le=1, description="Probability of a burned-in side marker.")
+    marker_side: Literal["either", "left", "right"] = Field(
+        "either", description="Where the marker is burned in (image left/right)."
+    )
+
+
+DEFAULT_SITES = (
+    SiteParams(name="site-a", share=0.45),
+    SiteParams(
+        name="site-b", share=0.35, exposure=1.1, gamma=0.85, noise=1.2, blur=0.3, collimation=0.3
+    ),
+    SiteParams(
+        name="site-c",
+        share=0.2,
+        prevalence=(0.375, 0.4, 0.225),
+        exposure=0.85,
+        gamma=1.3,
+        noise=1.8,
+        blur=0.8,
+        resolution=0.6,
+        collimation=0.9,
+        marker=1.0,
+        marker_side="right",
+    ),
+)
+
+
 class SyntheticParams(Section):
-    n_patients: int = Field(1000, ge=6, le=1_000_000, description="Patients to generate.")
+    n_patients: int = Field(
+        4000,
+        ge=6,
+        le=1_000_000,
+        description="Patients to generate (1-3 studies each; the default gives about 4,900 "
+        "training, 540 validation and 1,400 test images, the size of the pneumonia benchmark).",
+    )
     classes: tuple[str, ...] = Field(
         SYNTHETIC_CLASSES,
         min_length=2,
@@ -50,6 +106,18 @@ class SyntheticParams(Section):
         0.5, ge=0.0, le=1.0, description="0 = obvious lesions, 1 = faint lesions and heavy noise."
     )
     seed: int = Field(0, description="Seed of the generator; same seed, same images.")
+    sites: tuple[SiteParams, ...] = Field(
+        DEFAULT_SITES,
+        description="Imaging sites; each patient comes from one (empty: one site, the "
+        "generator's own ranges). The default's third site renders differently and holds more "
+        "normal patients: the shifted population a clinical test set usually is.",
+    )
+    test_site: str | None = Field(
+        "site-c",
+        description="Site whose patients are the test split (a population training never "
+        "sees; split.strategy auto keeps it and carves val from the rest by patient); null: "
+        "every site is split by patient.",
+    )
 
     @field_validator("classes")
     @classmethod
@@ -71,6 +139,21 @@ class SyntheticParams(Section):
         lo, hi = self.image_size
         if not 64 <= lo <= hi <= 2048:
             raise ValueError("image_size must be [min, max] with 64 <= min <= max <= 2048")
+        names = [site.name for site in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sites: names must be distinct, got {names}")
+        for site in self.sites:
+            if site.prevalence is not None and (
+                len(site.prevalence) != len(self.classes) or min(site.prevalence) <= 0
+            ):
+                raise ValueError(
+                    f"sites: {site.name} prevalence needs {len(self.classes)} values > 0 (one "
+                    f"per class of {list(self.classes)}), got {list(site.prevalence)}"
+                )
+        if self.test_site is not None and self.test_site not in names:
+            raise ValueError(f"test_site: {self.test_site!r} is not a site; valid: {names} or null")
+        if self.test_site is not None and len(names) < 2:
+            raise ValueError("test_site: needs at least two sites (one to train on)")
         return self
 
 
@@ -253,6 +336,33 @@ class AugmentParams(Section):
     contrast: float = Field(0.15, ge=0.0, le=1.0, description="Contrast jitter.")
     autocontrast: float = Field(0.0, ge=0.0, le=1.0, description="RandomAutocontrast prob.")
     sharpness: float = Field(0.0, ge=0.0, le=1.0, description="RandomAdjustSharpness prob.")
+    gamma: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Detector-curve jitter: each image is raised to a gamma drawn log-uniformly "
+        "in [exp(-gamma), exp(gamma)] (0 = off).",
+    )
+    noise: float = Field(
+        0.0, ge=0.0, le=0.5, description="Max sd of added Gaussian pixel noise (0..1 scale)."
+    )
+    blur: float = Field(
+        0.0, ge=0.0, le=5.0, description="Max sigma (pixels) of a random Gaussian blur (0 = off)."
+    )
+    blur_prob: float = Field(0.5, ge=0.0, le=1.0, description="Share of images blurred.")
+    mixup: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="Mixup alpha (timm Mixup; 0 = off): images and targets of a batch are "
+        "blended (soft targets). Single-label tasks.",
+    )
+    cutmix: float = Field(
+        0.0, ge=0.0, le=10.0, description="CutMix alpha (timm Mixup; 0 = off). Single-label."
+    )
+    mix_prob: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of batches mixed when mixup or cutmix is on."
+    )
     policy: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
         "none",
         description="Automatic augmentation policy, per image in the data loader (the other "
@@ -273,6 +383,13 @@ class ModelParams(Section):
     )
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout before the classifier (and inside the MLP head)."
+    )
+    drop_path: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Stochastic depth: the rate at which residual blocks are skipped in "
+        "training (timm drop_path_rate; models with residual blocks only).",
     )
     freeze_epochs: int = Field(
         0, ge=0, description="Epochs to train only the classifier head before unfreezing."
@@ -361,6 +478,39 @@ class TrainParams(Section):
     )
     patience: int = Field(
         6, ge=1, description="Stop after this many epochs without improvement of monitor."
+    )
+    monitor_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Early stopping follows an exponential moving average of monitor with this "
+        "factor (0 = the raw value): one lucky or unlucky epoch neither stops nor prolongs a "
+        "run. The best epoch is still the best raw value.",
+    )
+    precise_bn: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="Before each validation, recompute the BatchNorm statistics on this many "
+        "un-augmented training batches (PreciseBN, torch's swa_utils.update_bn; 0 = off). The "
+        "running averages of deep BN stacks (EfficientNet, MobileNet) lag the fast-changing "
+        "weights of a short run from scratch: train-mode fit, eval-mode chance.",
+    )
+    ensemble: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Train this many models (seeds seed, seed+1, ...) and ship them as one: "
+        "model.pt holds every member and scores the mean of their probabilities (evaluated, "
+        "explained and exported as one model). K members take K times as long.",
+    )
+    ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Decay of an exponential moving average of the weights (timm ModelEmaV3, "
+        "e.g. 0.998; 0 = off). Both the raw and the averaged weights are validated every epoch; "
+        "the better one on monitor is kept.",
     )
     monitor: Literal[
         "val_loss", "val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"

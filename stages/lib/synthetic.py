@@ -7,6 +7,11 @@ the same chest with a new acquisition: exposure, gamma, noise, blur, rotation, s
 collimation borders, a burned-in side marker and a new image size. Abnormal images come with
 a lesion mask. Pixel values follow the radiograph convention: dense = bright.
 
+Patients come from imaging sites (`SiteParams`): each site has its own case mix and renders
+the chest its own way (display gain, detector gamma, noise, blur, resolution, collimation,
+marker placement). The default holds one site out as the test population (`test_site`), the
+shift a clinical test set usually has from its training data.
+
 Everything is drawn at CANVAS x CANVAS in attenuation units (about 0..1) and then warped into
 the acquired image, so a patient's anatomy stays fixed across studies.
 """
@@ -22,12 +27,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages.lib.parallel import ordered_map
-from stages.lib.params import SyntheticParams
+from stages.lib.params import SiteParams, SyntheticParams
 
 CANVAS = 256
 STUDIES_PER_PATIENT = (1, 2, 3)
 STUDY_PROBS = (0.5, 0.3, 0.2)
 PATIENT_CHUNK = 50  # patients per worker task
+DEFAULT_SITE = SiteParams.model_construct(name="", share=1.0)  # the generator's own ranges
 
 
 @dataclass(frozen=True)
@@ -225,8 +231,11 @@ def acquire(
     rng: np.random.Generator,
     out_hw: tuple[int, int],
     difficulty: float,
+    site: SiteParams = DEFAULT_SITE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Image the chest: pose, size, exposure, gamma, blur, noise, collimation, marker."""
+    """Image the chest: pose, size, exposure, gamma, blur, resolution, noise, collimation,
+    marker. The site scales the random ranges; the draws are the same whatever the site, so
+    one patient imaged at two sites differs only in how the site renders."""
     h, w = out_hw
     angle = rng.uniform(-6, 6)
     scale = rng.uniform(0.92, 1.08) * min(h, w) / CANVAS
@@ -236,20 +245,29 @@ def acquire(
     img = cv2.warpAffine(att, matrix, (w, h), flags=cv2.INTER_LINEAR, borderValue=0.04)
     out_mask = cv2.warpAffine(mask, matrix, (w, h), flags=cv2.INTER_NEAREST)
     img = np.clip(img * rng.uniform(0.8, 1.25) + rng.uniform(-0.05, 0.05), 0, None)
-    img = img ** rng.uniform(0.7, 1.4)
-    sigma = rng.uniform(0.0, 1.2) + 0.6 * difficulty * rng.uniform()
+    img = img ** (rng.uniform(0.7, 1.4) * site.gamma)
+    sigma = rng.uniform(0.0, 1.2) + 0.6 * difficulty * rng.uniform() + site.blur
     if sigma > 0.3:
         img = cv2.GaussianBlur(img, (0, 0), sigma)
-    noise_sd = rng.uniform(0.01, 0.03) * (1 + 1.5 * difficulty)
-    img = img + rng.normal(0, noise_sd, img.shape).astype(np.float32)
-    img = np.clip(img * 1.4, 0, 1)  # attenuation ~0..0.7 -> display range
-    if rng.uniform() < 0.5:  # collimation: black borders of random width
-        top, bottom, left, right = (rng.uniform(0, 0.08, 4) * (h, h, w, w)).astype(int)
+    detector = (max(8, round(w * site.resolution)), max(8, round(h * site.resolution)))
+    if site.resolution < 1:  # a coarser detector: fewer pixels, each with its own noise
+        img = cv2.resize(img, detector, interpolation=cv2.INTER_AREA)
+    noise_sd = rng.uniform(0.01, 0.03) * (1 + 1.5 * difficulty) * site.noise
+    noise = rng.normal(0, noise_sd, (h, w)).astype(np.float32)
+    img = img + noise[: img.shape[0], : img.shape[1]]
+    if site.resolution < 1:
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    img = np.clip(img * 1.4 * site.exposure, 0, 1)  # attenuation ~0..0.7 -> display range
+    collimate = rng.uniform() < site.collimation  # black borders of random width
+    top, bottom, left, right = (rng.uniform(0, 0.08, 4) * (h, h, w, w)).astype(int)
+    if collimate:
         img[:top], img[h - bottom :], img[:, :left], img[:, w - right :] = 0, 0, 0, 0
     img = (img * 255 + 0.5).astype(np.uint8)
-    if rng.uniform() < 0.7:  # burned-in side marker
-        text = "L" if rng.uniform() < 0.5 else "R"
-        x = int(rng.uniform(0.05, 0.15) * w) if rng.uniform() < 0.5 else int(0.85 * w)
+    burn, text_draw, place, offset = rng.uniform(size=4)
+    if burn < site.marker:  # burned-in side marker
+        text = "L" if text_draw < 0.5 else "R"
+        left_side = {"either": place < 0.5, "left": True, "right": False}[site.marker_side]
+        x = int((0.05 + 0.1 * offset) * w) if left_side else int(0.85 * w)
         cv2.putText(
             img,
             text,
@@ -273,20 +291,54 @@ class Phantom:
     study: int
     image: np.ndarray  # (H, W) uint8
     mask: np.ndarray | None  # (H, W) uint8 lesion mask; None for normal studies
+    site: str = ""  # imaging site ("" without sites)
+
+
+def _draw_labels(
+    rng: np.random.Generator, prevalence: tuple[float, ...], n: int, n_classes: int
+) -> np.ndarray:
+    """Class index per patient with the given prevalence (>= 2 per class when n allows)."""
+    shares = np.asarray(prevalence) / np.sum(prevalence)
+    labels = rng.choice(n_classes, size=n, p=shares)
+    for k in range(n_classes):  # so that any split can hold every class
+        counts = np.bincount(labels, minlength=n_classes)
+        largest = int(counts.argmax())
+        if counts[k] < 2 and counts[largest] >= 4:  # two from the largest class
+            donors = np.flatnonzero(labels == largest)
+            labels[rng.choice(donors, 2 - counts[k], replace=False)] = k
+    return labels
 
 
 def patient_labels(params: SyntheticParams) -> np.ndarray:
     """Class index per patient, drawn with the given prevalence (>= 2 patients per class)."""
+    return patient_assignments(params)[1]
+
+
+def patient_assignments(params: SyntheticParams) -> tuple[np.ndarray, np.ndarray]:
+    """Site index and class index per patient.
+
+    Sites get their share of the patients (each at least 2 per class, so every split can
+    hold every class), patients in site order; each site draws its labels with its own
+    prevalence. Without sites, one site with the global prevalence.
+    """
     rng = np.random.default_rng(params.seed)
-    prevalence = np.asarray(params.prevalence) / np.sum(params.prevalence)
-    labels = rng.choice(len(params.classes), size=params.n_patients, p=prevalence)
-    for k in range(len(params.classes)):  # so that any split can hold every class
-        if (labels == k).sum() < 2:
-            labels[rng.choice(params.n_patients, 2, replace=False)] = k
-    return labels
+    n, n_classes = params.n_patients, len(params.classes)
+    if not params.sites:
+        labels = _draw_labels(rng, params.prevalence, n, n_classes)
+        return np.zeros(n, np.int64), labels
+    shares = np.array([site.share for site in params.sites])
+    counts = np.floor(n * shares / shares.sum()).astype(int)
+    counts[: n - counts.sum()] += 1  # the remainder, one each from the first site on
+    sites, labels = [], []
+    for i, (site, count) in enumerate(zip(params.sites, counts, strict=True)):
+        sites.append(np.full(count, i))
+        labels.append(_draw_labels(rng, site.prevalence or params.prevalence, count, n_classes))
+    return np.concatenate(sites), np.concatenate(labels)
 
 
-def render_patient(params: SyntheticParams, pid: int, label: str) -> list[Phantom]:
+def render_patient(
+    params: SyntheticParams, pid: int, label: str, site: SiteParams = DEFAULT_SITE
+) -> list[Phantom]:
     """All studies of one patient, from the patient's own generator (seed, pid)."""
     prng = np.random.default_rng([params.seed, pid])
     anatomy = sample_anatomy(prng)
@@ -298,7 +350,7 @@ def render_patient(params: SyntheticParams, pid: int, label: str) -> list[Phanto
         added, mask = render_lesion(lesion, lungs, prng)
         h = int(prng.integers(lo, hi + 1))
         w = int(np.clip(h * prng.uniform(0.85, 1.15), lo, hi))
-        img, out_mask = acquire(base + added, mask, prng, (h, w), params.difficulty)
+        img, out_mask = acquire(base + added, mask, prng, (h, w), params.difficulty, site)
         studies.append(
             Phantom(
                 f"p{pid:06d}_s{study}",
@@ -307,22 +359,40 @@ def render_patient(params: SyntheticParams, pid: int, label: str) -> list[Phanto
                 study,
                 img,
                 None if label == "normal" else out_mask,
+                site.name,
             )
         )
     return studies
 
 
-def _render_patients(job: tuple[SyntheticParams, list[tuple[int, str]]]) -> list[Phantom]:
+def source_split(params: SyntheticParams, site: str) -> str:
+    """The manifest's source_split: "test" for the held-out site, "train" for the others
+    (validation is carved from them by patient), "" when no site is held out."""
+    if params.test_site is None:
+        return ""
+    return "test" if site == params.test_site else "train"
+
+
+def _render_patients(job: tuple[SyntheticParams, list[tuple[int, str, int]]]) -> list[Phantom]:
     params, patients = job
     cv2.setNumThreads(1)  # one process per core already
-    return [ph for pid, label in patients for ph in render_patient(params, pid, label)]
+    sites = params.sites or (DEFAULT_SITE,)
+    return [
+        ph
+        for pid, label, site in patients
+        for ph in render_patient(params, pid, label, sites[site])
+    ]
 
 
 def iter_phantoms(params: SyntheticParams, parallel: bool = True) -> Iterator[Phantom]:
     """Yield every study in patient order. Patients are rendered in parallel chunks; each has
     its own seeded generator, so the result is the same however the work is divided, and
     memory stays flat however many patients are asked for."""
-    patients = [(pid, params.classes[k]) for pid, k in enumerate(patient_labels(params))]
+    sites, labels = patient_assignments(params)
+    patients = [
+        (pid, params.classes[k], int(site))
+        for pid, (site, k) in enumerate(zip(sites, labels, strict=True))
+    ]
     jobs = [
         (params, patients[i : i + PATIENT_CHUNK]) for i in range(0, len(patients), PATIENT_CHUNK)
     ]
@@ -340,13 +410,14 @@ def generate(
 
     Returns:
         images {key: (H, W) uint8}, masks {key: (H, W) uint8, abnormal images only},
-        and a manifest frame (key, label, patient_id, study, has_mask).
+        and a manifest frame (key, label, patient_id, study, has_mask, site).
     """
     images, masks, rows = {}, {}, []
     for ph in iter_phantoms(params):
         images[ph.key] = ph.image
         if ph.mask is not None:
             masks[ph.key] = ph.mask
-        rows.append((ph.key, ph.label, ph.patient_id, ph.study, ph.mask is not None))
-    frame = pd.DataFrame(rows, columns=["key", "label", "patient_id", "study", "has_mask"])
+        rows.append((ph.key, ph.label, ph.patient_id, ph.study, ph.mask is not None, ph.site))
+    columns = ["key", "label", "patient_id", "study", "has_mask", "site"]
+    frame = pd.DataFrame(rows, columns=columns)
     return images, masks, frame

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -23,7 +26,7 @@ from dvclive import Live
 from stages.lib import metrics, runtime
 from stages.lib.augment import BatchAugment
 from stages.lib.checkpoint import ModelMeta
-from stages.lib.inference import predict
+from stages.lib.inference import iter_batches, predict
 from stages.lib.io import ArrayRows, read_processed, targets
 from stages.lib.models import head_names, memory_format, select_device, trainable_parameters
 from stages.lib.optim import LRSchedule, build_loss, build_optimizer, build_sampler
@@ -33,7 +36,9 @@ from stages.lib.runtime import DistInfo
 AUG_SEED = 7919  # offset of the augmentation generator's seed from train.seed
 
 
-PROGRESS_KEYS = ("history", "best", "best_state", "stale")  # Progress fields, in order
+# Progress fields, in order
+PROGRESS_KEYS = ("history", "best", "best_state", "stale", "smoothed", "best_smoothed")
+EMA_WARMUP_POWER = 0.75  # ModelEmaV3 warm-up for runs of thousands of steps (timm's advice)
 
 
 POLICIES = {
@@ -196,54 +201,79 @@ class Batches:
 
 @dataclass
 class Progress:
-    """History and best epoch so far: what a resumed run must get back."""
+    """History, best epoch and early-stopping state so far: what a resumed run must get back.
+
+    Every epoch offers one or more sets of weights (the raw ones and, with `train.ema`, their
+    moving average), each with its validation row; the best on the monitored metric is kept.
+    Early stopping counts epochs since the best value of the metric smoothed with factor
+    `smoothing` (0: the raw best, the classic rule).
+    """
 
     monitor: str
     history: list[dict] = field(default_factory=list)
     best: float = -np.inf
     best_state: dict | None = None
     stale: int = 0
+    smoothed: float | None = None
+    best_smoothed: float = -np.inf
+    smoothing: float = 0.0
 
-    def score(self, row: dict) -> float:
-        """The monitored metric, higher = better (NaN counts as worst)."""
-        value = row[self.monitor] if self.monitor != "val_loss" else -row[self.monitor]
+    def value(self, row: dict, prefix: str = "") -> float:
+        """The monitored metric of `prefix` weights, higher = better (NaN counts as worst)."""
+        value = row[prefix + self.monitor]
+        value = -value if self.monitor == "val_loss" else value
         return -np.inf if np.isnan(value) else value
 
-    def record(self, row: dict, model: nn.Module, keep_weights: bool) -> None:
+    def candidates(self, row: dict) -> dict[str, float]:
+        """{weights name: monitored value} of the weights validated this epoch."""
+        values = {"raw": self.value(row)}
+        if f"ema_{self.monitor}" in row:
+            values["ema"] = self.value(row, "ema_")
+        return values
+
+    def score(self, row: dict) -> float:
+        """The epoch's monitored value: the best of its weights."""
+        return max(self.candidates(row).values())
+
+    def record(self, row: dict, models: dict[str, nn.Module], keep_weights: bool) -> None:
+        """Add the epoch's row; keep the weights (`models[name]`) if they are the best yet."""
         self.history.append(row)
-        if self.best_state is None or self.score(row) > self.best:
-            self.best, self.stale, row["best"] = self.score(row), 0, True
-            self.best_state = copy.deepcopy(model.state_dict()) if keep_weights else {}
+        name, value = max(self.candidates(row).items(), key=lambda kv: kv[1])
+        row["weights"] = name
+        if self.best_state is None or value > self.best:
+            self.best, row["best"] = value, True
+            self.best_state = copy.deepcopy(models[name].state_dict()) if keep_weights else {}
+        a = self.smoothing
+        self.smoothed = value if self.smoothed is None else a * self.smoothed + (1 - a) * value
+        if self.smoothed > self.best_smoothed:
+            self.best_smoothed, self.stale = self.smoothed, 0
         else:
             self.stale += 1
 
 
 def train_epoch(
-    net: nn.Module,
-    loader: DataLoader,
-    opt: torch.optim.Optimizer,
-    sched: LRSchedule,
-    loss_fn: nn.Module,
-    batches: Batches,
-    params: TrainParams,
-    epoch: int,
-    show: bool,
+    trainer: Trainer, net: nn.Module, params: TrainParams, epoch: int, show: bool
 ) -> tuple[float, int, float]:
-    """One pass over the loader; returns mean loss, images seen and seconds taken."""
-    start, total, seen = time.perf_counter(), 0.0, 0
-    step0 = (epoch - 1) * len(loader)
+    """One pass over the loader (mixed batches with mixup/cutmix, the weight average updated
+    after every step with `train.ema`); returns mean loss, images seen and seconds taken."""
+    t, start, total, seen = trainer, time.perf_counter(), 0.0, 0
+    step0 = (epoch - 1) * len(t.loader)
     desc = f"epoch {epoch}/{params.epochs}"
-    bar = tqdm(loader, desc=desc, leave=False, mininterval=1, disable=not show)
+    bar = tqdm(t.loader, desc=desc, leave=False, mininterval=1, disable=not show)
     for step, (x, y) in enumerate(bar, start=1):
-        x, y = batches.prepare(x), y.to(batches.device, non_blocking=True)
-        with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=batches.amp):
-            loss = loss_fn(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
+        x, y = t.batches.prepare(x), y.to(t.device, non_blocking=True)
+        if t.mixup is not None:
+            x, y = t.mixup(x, y)  # soft targets: the blend of both images' labels
+        with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.batches.amp):
+            loss = t.loss_fn(net(x).float(), y)
+        t.opt.zero_grad(set_to_none=True)
         loss.backward()
         if params.grad_clip:
             nn.utils.clip_grad_norm_(net.parameters(), params.grad_clip)
-        opt.step()
-        sched.step_update(step0 + step)
+        t.opt.step()
+        t.sched.step_update(step0 + step)
+        if t.ema is not None:
+            t.ema.update(t.model, step=step0 + step)
         total, seen = total + loss.item() * len(y), seen + len(y)
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return total / seen, seen, time.perf_counter() - start
@@ -266,13 +296,18 @@ def restore(
     sched: LRSchedule,
     generators: tuple[torch.Generator, ...],
     info: DistInfo,
+    ema: ModelEmaV3 | None = None,
 ) -> Progress:
     """Load a resume checkpoint into the training objects; return the progress it holds."""
     model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["schedule"])
     runtime.set_rng_state(state["rng"][info.rank], *generators)
-    return Progress(sched.params.monitor, *(state[k] for k in PROGRESS_KEYS))
+    progress = Progress(sched.params.monitor, *(state[k] for k in PROGRESS_KEYS))
+    progress.smoothing = sched.params.monitor_smoothing
+    return progress
 
 
 @dataclass
@@ -287,6 +322,52 @@ class Trainer:
     opt: torch.optim.Optimizer
     sched: LRSchedule
     generators: tuple[torch.Generator, ...]  # the loader's, the augmentation's
+    mixup: Mixup | None = None
+    ema: ModelEmaV3 | None = None
+    bn_images: np.ndarray | None = None  # training images PreciseBN recomputes BN stats on
+
+
+def recompute_bn(model: nn.Module, images: np.ndarray, batches: Batches, batch_size: int) -> None:
+    """PreciseBN: BatchNorm running statistics recomputed (plain average, no momentum) from
+    `images` through the current weights, by torch's swa_utils.update_bn."""
+    augment, batches.augment = batches.augment, None  # the images as evaluation sees them
+    try:
+        inputs = [
+            batches.prepare(torch.from_numpy(np.asarray(chunk)).permute(0, 3, 1, 2))
+            for chunk in iter_batches(images, batch_size)
+        ]
+    finally:
+        batches.augment = augment
+    update_bn(inputs, model)
+
+
+def bn_subset(images: np.ndarray, params: TrainParams) -> np.ndarray | None:
+    """The fixed, seeded sample of training images for `train.precise_bn` (None: off)."""
+    if not params.precise_bn:
+        return None
+    n = min(len(images), params.precise_bn * params.batch_size)
+    rng = np.random.default_rng(params.seed)
+    return ArrayRows(images).take(np.sort(rng.choice(len(images), n, replace=False)).tolist())
+
+
+def build_mixup(aug: AugmentParams, batch_size: int, n_classes: int, multilabel: bool):
+    """timm's Mixup for augment.mixup / augment.cutmix (None when both are 0). Label
+    smoothing stays with the loss, which takes the soft targets."""
+    if not (aug.mixup or aug.cutmix):
+        return None
+    if batch_size % 2:
+        raise ValueError(
+            f"augment.mixup/cutmix: timm's Mixup needs an even batch per process, got "
+            f"{batch_size}; make train.batch_size even (per process under torchrun)"
+        )
+    return Mixup(
+        mixup_alpha=aug.mixup,
+        cutmix_alpha=aug.cutmix,
+        prob=aug.mix_prob,
+        label_smoothing=0.0,
+        num_classes=n_classes,
+        multi_label=multilabel,
+    )
 
 
 def build_trainer(
@@ -313,7 +394,15 @@ def build_trainer(
     opt = build_optimizer(model, params, head_names(model), body_lr_scale=scale)
     sched = LRSchedule(opt, params, len(loader))
     generators = (generator, augment.generator)
-    return Trainer(model, device, batches, loader, loss_fn, opt, sched, generators)
+    np.random.seed(params.seed + info.rank)  # timm's Mixup draws from numpy's global stream
+    mixup = build_mixup(aug, params.batch_size // info.world, len(meta.classes), meta.multilabel)
+    ema = None
+    if params.ema:
+        ema = ModelEmaV3(model, params.ema, use_warmup=True, warmup_power=EMA_WARMUP_POWER)
+    bn_images = bn_subset(train[0], params)
+    return Trainer(
+        model, device, batches, loader, loss_fn, opt, sched, generators, mixup, ema, bn_images
+    )
 
 
 def run_epoch(
@@ -330,11 +419,11 @@ def run_epoch(
         trainer.loader.sampler.set_epoch(epoch)
     trainer.model.train()
     t = trainer
-    loss, seen, seconds = train_epoch(
-        net, t.loader, t.opt, t.sched, t.loss_fn, t.batches, params, epoch, info.is_main
-    )
+    loss, seen, seconds = train_epoch(t, net, params, epoch, info.is_main)
     row = None
     if info.is_main:  # rank 0 validates; every rank gets the same row
+        if t.bn_images is not None:
+            recompute_bn(t.model, t.bn_images, t.batches, params.batch_size)
         scores = validate(t.model, val[0], val[1], meta, t.device, t.loss_fn)
         row = {
             "epoch": epoch,
@@ -344,12 +433,19 @@ def run_epoch(
             "epoch_seconds": seconds,
             **{f"val_{k}": v for k, v in scores.items()},
         }
+        if t.ema is not None:
+            if t.bn_images is not None:
+                recompute_bn(t.ema.module, t.bn_images, t.batches, params.batch_size)
+            scores = validate(t.ema.module, val[0], val[1], meta, t.device, t.loss_fn)
+            row |= {f"ema_val_{k}": v for k, v in scores.items()}
     return runtime.broadcast(row, info)
 
 
 def resume_state(trainer: Trainer, progress: Progress, rng: list, run_id: str, epoch: int) -> dict:
     """Everything a killed run needs to continue after `epoch`."""
     state = {"model": trainer.model.state_dict(), "optimizer": trainer.opt.state_dict()}
+    if trainer.ema is not None:
+        state["ema"] = trainer.ema.state_dict()
     state |= {k: getattr(progress, k) for k in PROGRESS_KEYS}
     state |= {"schedule": trainer.sched.state_dict(), "rng": rng}
     return state | {"fingerprint": run_id, "epoch": epoch, "finished": False}
@@ -370,19 +466,27 @@ def fit(
     run_id: str = "",
     info: DistInfo = DistInfo(),
     on_epoch: Callable[[list[dict]], None] | None = None,
+    resume_extra: dict | None = None,
+    final: bool = True,
 ) -> tuple[dict, list[dict]]:
     """Train with early stopping; return the best state dict and the per-epoch history.
 
     With `resume_file`, the state after every epoch is saved there and a matching
     unfinished checkpoint (same `run_id`) is continued instead of starting over.
     `on_epoch(history)` runs on rank 0 after every epoch (the live summary).
+    `resume_extra` is saved with every state (an ensemble's finished members and the index
+    of this one: a state of another member is not continued here); `final` False leaves
+    the resume file for the caller to close (the ensemble's next member).
     """
     trainer = build_trainer(model, train, meta, params, aug, freeze_epochs, info)
-    progress, start = Progress(params.monitor), 1
+    progress, start = Progress(params.monitor, smoothing=params.monitor_smoothing), 1
+    extra = resume_extra or {}
     state = runtime.load_resume(resume_file, run_id, info.is_main) if resume_file else None
+    if state is not None and ("model" not in state or state.get("member") != extra.get("member")):
+        state = None  # between two members of an ensemble: this member starts afresh
     if state is not None:
         t = trainer
-        progress = restore(state, model, t.opt, t.sched, t.generators, info)
+        progress = restore(state, model, t.opt, t.sched, t.generators, info, t.ema)
         start = state["epoch"] + 1
         for row in progress.history:
             log_row(live, row, params.monitor)
@@ -398,23 +502,26 @@ def fit(
         row = run_epoch(trainer, net, val, meta, params, epoch, info)
         row["trainable_params"] = trainable  # head only while frozen, then the blocks trained
         log_row(live, row, params.monitor)
-        progress.record(row, model, keep_weights=info.is_main)
+        weights = {"raw": model} | ({"ema": trainer.ema.module} if trainer.ema else {})
+        progress.record(row, weights, keep_weights=info.is_main)
         trainer.sched.step_epoch(progress.score(row))
         finished = progress.stale >= params.patience or epoch == params.epochs
         rng = runtime.gather(runtime.rng_state(*trainer.generators), info)
         if resume_file and info.is_main and not finished:
-            runtime.save_resume(resume_file, resume_state(trainer, progress, rng, run_id, epoch))
+            state = resume_state(trainer, progress, rng, run_id, epoch)
+            runtime.save_resume(resume_file, state | extra)
         if info.is_main and on_epoch is not None:
             on_epoch(progress.history)
         if info.is_main:
+            ema = f" (ema {row[f'ema_{params.monitor}']:.3f})" if trainer.ema else ""
             tqdm.write(
                 f"epoch {epoch}: train_loss {row['train_loss']:.3f}  "
-                f"val_loss {row['val_loss']:.3f}  {params.monitor} {row[params.monitor]:.3f}  "
-                f"{row['images_per_second']:.0f} img/s"
+                f"val_loss {row['val_loss']:.3f}  {params.monitor} {row[params.monitor]:.3f}"
+                f"{ema}  {row['images_per_second']:.0f} img/s"
             )
         if finished:
             break
-    if resume_file and info.is_main:  # a small marker: DVC expects the output to exist
+    if resume_file and info.is_main and final:  # a small marker: DVC expects the output
         runtime.save_resume(resume_file, {"fingerprint": run_id, "finished": True})
     return progress.best_state, progress.history
 
