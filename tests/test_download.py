@@ -38,6 +38,28 @@ def test_synthetic_download_writes_manifest_and_card(tmp_path):
     assert img.ndim == 2 and img.dtype == np.uint8
 
 
+def test_synthetic_default_holds_out_its_test_site_and_splits_the_rest_by_patient(tmp_path):
+    params = DataParams.model_validate({"synthetic": {"n_patients": 60, "image_size": [64, 80]}})
+    download.run(params, tmp_path / "raw")
+    manifest = pd.read_csv(tmp_path / "raw/manifest.csv", keep_default_na=False)
+    assert set(manifest["group"]) == {"site-a", "site-b", "site-c"}
+    held_out = manifest["group"] == "site-c"
+    assert (manifest["source_split"][held_out] == "test").all()
+    assert (manifest["source_split"][~held_out] == "train").all()
+    assert (
+        "test site site-c (held out)"
+        in json.loads((tmp_path / "raw/dataset.json").read_text())["description"]
+    )
+    split.run(SplitParams(), tmp_path / "raw", tmp_path / "split", tmp_path / "split.json")
+    frames = {s: pd.read_csv(tmp_path / f"split/{s}.csv") for s in ("train", "val", "test")}
+    assert set(frames["test"]["group"]) == {"site-c"}  # the unseen site, and all of it
+    assert len(frames["test"]) == held_out.sum()
+    for s in ("train", "val"):  # validation comes from the training sites, by patient
+        assert set(frames[s]["group"]) == {"site-a", "site-b"}
+    assert not set(frames["train"]["patient_id"]) & set(frames["val"]["patient_id"])
+    assert json.loads((tmp_path / "split.json").read_text())["patient_overlap"] == 0
+
+
 def test_npz_download_keeps_official_splits(tmp_path):
     arrays = write_medmnist(tmp_path / "pneumoniamnist.npz")
     params = DataParams(source="npz", path=str(tmp_path / "pneumoniamnist.npz"))
