@@ -100,21 +100,33 @@ def data_section(
     page.add(rejected_block(rejected, rejected_file))
 
 
+def members_note(train: dict) -> str:
+    """An ensemble's size and its validation score, before the epochs line."""
+    members = train.get("members")
+    if not members:
+        return ""
+    score = next((v for k, v in train.items() if k.startswith("ensemble_val_")), None)
+    text = f"Ensemble of {members} models (seeds in a row), scored as their mean probability"
+    return text + (f"; validation {score:.3f} as one model" if score is not None else "") + ". "
+
+
 def training_section(page: Page, history: pd.DataFrame, train: dict) -> None:
     page.section("training", "Training")
     page.add(
-        f"<p>{train['epochs_run']} epochs, best epoch {train['best_epoch']}"
+        f"<p>{members_note(train)}{train['epochs_run']} epochs, best epoch {train['best_epoch']}"
         f"{' (weight average)' if train.get('best_weights') == 'ema' else ''}, "
         f"{train['images_per_second']:.0f} images/s on {html.escape(str(train['device']))}, "
         f"{train['train_seconds']:.0f} s.</p>"
     )
-    loss = go.Figure()
-    for col in ("train_loss", "val_loss"):
-        loss.add_scatter(x=history["epoch"], y=history[col], name=col, mode="lines+markers")
+    loss, scores = go.Figure(), go.Figure()
+    members = history.groupby("member") if "member" in history else [(None, history)]
+    for member, rows in members:  # an ensemble: one curve per member
+        tag = "" if member is None else f" (member {member})"
+        for col in ("train_loss", "val_loss"):
+            loss.add_scatter(x=rows["epoch"], y=rows[col], name=col + tag, mode="lines+markers")
+        for col in ("val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"):
+            scores.add_scatter(x=rows["epoch"], y=rows[col], name=col + tag, mode="lines+markers")
     loss.update_layout(title="Loss", xaxis_title="epoch", height=340)
-    scores = go.Figure()
-    for col in ("val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"):
-        scores.add_scatter(x=history["epoch"], y=history[col], name=col, mode="lines+markers")
     scores.update_layout(title="Validation metrics", xaxis_title="epoch", height=340)
     page.pair((loss, "loss-curve"), (scores, "val-curve"))
 
