@@ -97,8 +97,9 @@ def run_one(name: str, overlay: dict, seed: int, base: dict, processed: Path, wo
     prefix = "ema_" if trained.get("best_weights") == "ema" else ""
     row = {"candidate": name, "seed": seed, "train_seconds": round(seconds, 1)}
     row |= {f"test_{k}": result[k] for k in FIGURES}
+    val_f1 = trained.get("ensemble_val_f1_macro", float(best[f"{prefix}val_f1_macro"]))
     row |= {
-        "val_f1_macro": round(float(best[f"{prefix}val_f1_macro"]), 4),
+        "val_f1_macro": round(val_f1, 4),  # an ensemble's: the members as one model
         "val_roc_auc": round(float(best[f"{prefix}val_roc_auc"]), 4),
         "val_specificity": normal_recall(result, "val"),
         "test_specificity": normal_recall(result, "test"),
@@ -108,6 +109,10 @@ def run_one(name: str, overlay: dict, seed: int, base: dict, processed: Path, wo
         "best_weights": trained.get("best_weights", "raw"),
     }
     print(f"{name} seed {seed}: {line}", flush=True)
+    # the test probabilities, for ensembles of any seeds after the fact (mean of members)
+    keep = RESULTS.parent / "predictions" / f"{name}-{seed}.csv.gz"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    pd.read_csv(run / "plots/evaluate/predictions.csv").to_csv(keep, index=False)
     shutil.rmtree(run, ignore_errors=True)
     return row
 

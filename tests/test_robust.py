@@ -2,6 +2,7 @@
 and the val/test shift flag fires on a shifted test set only."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -335,3 +336,28 @@ def test_killed_ensemble_continues_with_the_member_it_was_training(tmp_path, mon
     train_in_process(root)
     assert [c["member"] for c in calls] == [1]  # member 0 was not trained again
     assert_same_outputs(reference, root)
+
+
+def test_an_ensemble_exports_as_one_model_that_matches_pytorch(tmp_path):
+    from stages import export
+    from stages.lib.models import save_checkpoint
+    from stages.lib.params import ExportParams
+    from tests.conftest import tiny_processed
+
+    processed, single = tiny_processed(tmp_path, "multiclass", ["a", "b", "c"], n=8)
+    _, meta = load_checkpoint(single)
+    torch.manual_seed(0)
+    members = [build_model(ModelParams(name="resnet10t"), 3, 1) for _ in range(2)]
+    for m in members:
+        nn.init.normal_(m.get_classifier().weight, std=0.5)
+    checkpoint = tmp_path / "ensemble.pt"
+    save_checkpoint(
+        checkpoint, Ensemble(members), meta.__class__(**{**meta.to_dict(), "members": 2})
+    )
+    line = export.run(
+        ExportParams(check_images=8), processed, checkpoint, tmp_path / "model.ts",
+        tmp_path / "model.onnx", tmp_path / "export.json",
+    )  # fmt: skip
+    result = read_result(tmp_path / "export.json")
+    assert result["onnx_max_abs_diff"] < 1e-4 and result["torchscript_max_abs_diff"] < 1e-4
+    assert "model.onnx" in line
