@@ -2,7 +2,6 @@
 and the val/test shift flag fires on a shifted test set only."""
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
