@@ -14,6 +14,20 @@ def test_committed_params_file_matches_schema_defaults():
     assert load_params(ROOT / "params.yaml") == Params()
 
 
+def test_committed_params_file_spells_out_every_key():
+    """DVC reads the keys a stage depends on from the file itself: a key the schema fills
+    in silently is 'missing from params.yaml' to `dvc repro`."""
+
+    def keys(tree: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in tree.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return out
+
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert keys(written) == keys(Params().model_dump(mode="json"))
+
+
 def test_unknown_key_names_key_and_valid_keys():
     with pytest.raises(ParamsError) as err:
         parse_params({"train": {"lrr": 0.1}})
