@@ -1,17 +1,24 @@
 """Candidate recipes on the shifted default: which settings hold up on a site training never saw?
 
 Each candidate is a params overlay (benchmarks/candidates.yaml) on this repository's
-params.yaml. For every candidate and seed, the real train and evaluate stages run on the
+params.yaml with the file's `reference` overlay (the recipe the candidates were measured
+against) applied first. For every candidate and seed, the real train and evaluate stages run on the
 already processed default data (`dvc repro preprocess` first): the model is chosen on the
 validation split (sites a and b) and tested on the held-out site c. One row per run goes to
 the results CSV (runs already there are skipped, so an interrupted sweep continues); the
 summary gives each candidate's seed mean and sd of the test figures, the validation
-figures and the val/test gap of specificity (normal chests called normal), and wall time.
+figures and the val/test gap of specificity (normal chests called normal), and the median training
+wall time.
 
     dvc repro preprocess
     python benchmarks/candidates.py                          # every candidate, seeds 0 1 2
     python benchmarks/candidates.py --only base ema --seeds 0 1 2 3 4
     python benchmarks/candidates.py --summary                # the table only
+    python benchmarks/candidates.py --pool efficientnet_b0-scratch --seeds 0 1 2
+
+`--pool` scores the mean of the saved test probabilities of those seeds: the ensemble of
+already trained runs, after the fact (a `train.ensemble: 2` run with seed s has the members
+of seeds s and s+1, so it must score what `--pool NAME --seeds s s+1` does).
 
 A difference between two candidates is beyond noise only when it is larger than a few
 seed sds (the seed sd is what another run of the same recipe moves by); the figures are
@@ -30,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -38,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages import evaluate, preprocess, train  # noqa: E402
 from stages.lib.io import read_result  # noqa: E402
+from stages.lib.metrics import expected_calibration_error, summarize  # noqa: E402
 from stages.lib.params import parse_params  # noqa: E402
 
 CANDIDATES = Path(__file__).with_name("candidates.yaml")
@@ -117,6 +126,26 @@ def run_one(name: str, overlay: dict, seed: int, base: dict, processed: Path, wo
     return row
 
 
+def pooled(name: str, seeds: list[int]) -> dict:
+    """Test figures of the mean probability of `name`'s saved runs with `seeds`."""
+    files = [RESULTS.parent / "predictions" / f"{name}-{seed}.csv.gz" for seed in seeds]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"no saved test probabilities {missing}: run those seeds first")
+    frames = [pd.read_csv(f) for f in files]
+    columns = [c for c in frames[0].columns if c.startswith("prob_")]
+    if any(not f["image"].equals(frames[0]["image"]) for f in frames):
+        raise SystemExit(f"{name}: the saved runs scored different test images")
+    probs = np.mean([f[columns].to_numpy() for f in frames], axis=0)
+    classes = [c.removeprefix("prob_") for c in columns]
+    y = frames[0]["label"].map({c: k for k, c in enumerate(classes)}).to_numpy()
+    figures = summarize(y, probs) | {"ece": expected_calibration_error(y, probs)}
+    normal = y == 0
+    figures["specificity"] = float((probs[normal].argmax(axis=1) == 0).mean())
+    keys = (*FIGURES, "specificity")
+    return {"candidate": name, "seeds": seeds} | {k: round(figures[k], 4) for k in keys}
+
+
 def summary(frame: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """Seed mean and sd per candidate (candidates in file order)."""
     keys = [
@@ -126,14 +155,16 @@ def summary(frame: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     ]  # fmt: skip
     grouped = frame.groupby("candidate")[keys]
     mean, sd, n = grouped.mean(), grouped.std(ddof=1), grouped.size()
+    # wall time: the median, as a run slowed by other work on the machine is not the recipe's
+    mean["train_seconds"] = frame.groupby("candidate")["train_seconds"].median()
     table = pd.DataFrame(index=[c for c in order if c in mean.index])
     table["seeds"] = n
     for k in keys:
-        digits = 0 if k == "train_seconds" else 3
+        if k == "train_seconds":
+            table["train_seconds_median"] = [f"{mean.loc[c, k]:.0f}" for c in table.index]
+            continue
         table[k] = [
-            f"{mean.loc[c, k]:.{digits}f} ± {sd.loc[c, k]:.{digits}f}"
-            if n[c] > 1
-            else f"{mean.loc[c, k]:.{digits}f}"
+            f"{mean.loc[c, k]:.3f} ± {sd.loc[c, k]:.3f}" if n[c] > 1 else f"{mean.loc[c, k]:.3f}"
             for c in table.index
         ]
     gap = frame.assign(gap=frame["test_specificity"] - frame["val_specificity"])
@@ -152,9 +183,15 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--summary", action="store_true", help="print the table, run nothing")
+    parser.add_argument("--pool", metavar="NAME", help="score the mean of saved runs' seeds")
     args = parser.parse_args()
+    if args.pool:
+        print(json.dumps(pooled(args.pool, args.seeds)))
+        return
     candidates = yaml.safe_load(CANDIDATES.read_text())
-    base = yaml.safe_load(args.params.read_text())
+    # the recipe every overlay starts from, pinned in the file, so that a row means the same
+    # after params.yaml's defaults change
+    base = merge(yaml.safe_load(args.params.read_text()), candidates.pop("reference", {}))
     done = pd.read_csv(args.results) if args.results.is_file() else pd.DataFrame()
     if not args.summary:
         names = args.only or list(candidates)

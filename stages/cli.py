@@ -161,7 +161,12 @@ def predict_files(
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write."),
     cam: Path | None = typer.Option(None, "--cam", help="Folder for Grad-CAM overlays."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
-    tta: bool = typer.Option(False, "--tta", help="Average over small shifts and a zoom."),
+    tta: bool = typer.Option(
+        True,
+        "--tta/--no-tta",
+        help="Average over small shifts and a zoom, as the evaluate stage does by default "
+        "(evaluate.tta); --no-tta for one pass per image.",
+    ),
     threshold: float | None = typer.Option(
         None,
         "--threshold",

@@ -18,7 +18,17 @@ from stages.lib.optim import class_weights
 from stages.lib.params import AugmentParams, EvaluateParams, ModelParams, TrainParams
 from tests.conftest import BIN, model_meta, write_params
 
-NO_AUG = AugmentParams(rotation=0, crop_scale=1.0, brightness=0, contrast=0)
+NO_AUG = AugmentParams(
+    rotation=0, crop_scale=1.0, brightness=0, contrast=0, gamma=0, noise=0, blur=0
+)
+
+
+def plain(**changes) -> TrainParams:
+    """Train params without the default's weight average and BN recomputation: the tests here
+    are about the raw training loop (those two have theirs in test_robust)."""
+    return TrainParams(**({"ema": 0.0, "precise_bn": 0} | changes))
+
+
 CHEST14 = [f"finding{k:02d}" for k in range(14)]
 
 
@@ -46,7 +56,7 @@ def test_loader_gathers_whole_batches_with_a_policy():
     policy = training.build_transform(AugmentParams(policy="randaugment"))
     loader = training.build_loader(
         training.ArrayDataset(images, np.arange(10), policy),
-        TrainParams(batch_size=4),
+        plain(batch_size=4),
         torch.Generator().manual_seed(0),
         runtime.DistInfo(),
         False,
@@ -114,7 +124,7 @@ def write_processed(root: Path, classes: list[str], multilabel: bool = False, n:
 
 def test_fit_learns_a_separable_task_and_is_deterministic():
     meta = model_meta(["a", "b"])
-    params = TrainParams(epochs=4, batch_size=16, lr=0.01, patience=4, warmup_epochs=0)
+    params = plain(epochs=4, batch_size=16, lr=0.01, patience=4, warmup_epochs=0)
     results = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -143,7 +153,7 @@ def test_train_json_is_rewritten_after_every_epoch(tmp_path, monkeypatch):
         return real_fit(*args, on_epoch=spy, **kwargs)
 
     monkeypatch.setattr(train, "fit", spying_fit)
-    params = TrainParams(epochs=3, batch_size=16, patience=3, warmup_epochs=0)
+    params = plain(epochs=3, batch_size=16, patience=3, warmup_epochs=0)
     out = {k: tmp_path / k for k in ("model.pt", "plots", "last.pt", "dvclive")}
     train.run(
         ModelParams(name="resnet10t"),
@@ -168,7 +178,7 @@ def test_freeze_then_unfreeze_moves_the_backbone_only_after_freeze_epochs():
         torch.manual_seed(0)
         model = build_model(ModelParams(name="resnet10t"), 2, 1)
         start = {k: v.clone() for k, v in model.state_dict().items()}
-        params = TrainParams(epochs=epochs, batch_size=16, warmup_epochs=0, unfreeze_lr_factor=0.1)
+        params = plain(epochs=epochs, batch_size=16, warmup_epochs=0, unfreeze_lr_factor=0.1)
         training.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 1)
         snapshots.append((start, model.state_dict()))
     (start1, end1), (start2, end2) = snapshots
@@ -180,7 +190,7 @@ def test_freeze_then_unfreeze_moves_the_backbone_only_after_freeze_epochs():
 def test_balanced_sampler_fills_batches_evenly():
     targets = np.array([0] * 60 + [1] * 6)
     dataset = training.ArrayDataset(np.zeros((66, 8, 8, 1), np.uint8), targets, torch.nn.Identity())
-    params = TrainParams(batch_size=6, sampler="balanced")
+    params = plain(batch_size=6, sampler="balanced")
     loader = training.build_loader(
         dataset, params, torch.Generator().manual_seed(0), runtime.DistInfo(), False
     )
@@ -190,7 +200,7 @@ def test_balanced_sampler_fills_batches_evenly():
 
 def test_grad_clip_bounds_the_sgd_step():
     meta = model_meta(["a", "b"])
-    params = TrainParams(
+    params = plain(
         epochs=1, batch_size=16, optimizer="sgd", lr=0.1, weight_decay=0, momentum=0,
         warmup_epochs=0, scheduler="none", grad_clip=1e-6,
     )  # fmt: skip
@@ -207,7 +217,7 @@ def test_grad_clip_bounds_the_sgd_step():
 
 def test_multilabel_fixture_trains_with_bce_and_scores_macro_auc(in_tmp):
     processed = write_processed(in_tmp, CHEST14, multilabel=True, n=96)
-    params = TrainParams(
+    params = plain(
         epochs=4, batch_size=16, lr=0.01, warmup_epochs=0, monitor="val_roc_auc", patience=4
     )
     line = train.run(ModelParams(name="resnet10t"), params, NO_AUG, processed_dir=processed)
@@ -234,7 +244,7 @@ def test_early_stopping_ends_after_patience_and_keeps_the_best_epoch(monkeypatch
         training, "validate", lambda *a: {"loss": next(losses), "f1_macro": 0.5, "accuracy": 0.5}
     )
     meta = model_meta(["a", "b"])
-    params = TrainParams(epochs=8, batch_size=16, warmup_epochs=0, patience=2, monitor="val_loss")
+    params = plain(epochs=8, batch_size=16, warmup_epochs=0, patience=2, monitor="val_loss")
     model = build_model(ModelParams(name="resnet10t"), 2, 1)
     data = separable_data(32)
     _, history = training.fit(model, data, data, meta, params, NO_AUG, 0)
@@ -366,7 +376,7 @@ def test_fingerprint_tracks_params_data_and_code(tmp_path):
 @pytest.mark.slow
 def test_compile_trains_and_keeps_plain_weight_names():
     meta = model_meta(["a", "b"])
-    params = TrainParams(epochs=1, batch_size=16, warmup_epochs=0, compile=True)
+    params = plain(epochs=1, batch_size=16, warmup_epochs=0, compile=True)
     torch.manual_seed(0)
     model = build_model(ModelParams(name="resnet10t"), 2, 1)
     state, history = training.fit(
@@ -381,7 +391,7 @@ def test_pretrained_run_normalises_with_the_weights_statistics(in_tmp):
     torch.manual_seed(1)
     torch.save(build_model(ModelParams(name="resnet10t"), 1000, 3).state_dict(), "w.pth")
     model_params = ModelParams(name="resnet10t", pretrained=True, weights="w.pth")
-    params = TrainParams(epochs=1, batch_size=16, warmup_epochs=0)
+    params = plain(epochs=1, batch_size=16, warmup_epochs=0)
     train.run(model_params, params, NO_AUG, processed_dir=processed)
     _, meta = load_checkpoint(in_tmp / "models/model.pt")
     # ImageNet mean/std averaged over RGB for gray input, not the dataset's 0.3/0.3
@@ -397,7 +407,7 @@ def test_loader_workers_do_not_change_the_trained_weights():
     for workers in (0, 2):
         torch.manual_seed(0)
         model = build_model(ModelParams(name="resnet10t"), 2, 1)
-        params = TrainParams(epochs=1, batch_size=8, warmup_epochs=0, num_workers=workers)
+        params = plain(epochs=1, batch_size=8, warmup_epochs=0, num_workers=workers)
         training.fit(model, separable_data(64), separable_data(16, seed=1), meta, params, aug, 0)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -407,7 +417,7 @@ def test_train_json_records_the_hardware_and_deterministic_switch(tmp_path, monk
     """A reviewer sees which machine produced a run (results move across CPUs)."""
     processed = write_processed(tmp_path, ["a", "b"])
     metrics_file = tmp_path / "metrics/train.json"
-    params = TrainParams(epochs=1, batch_size=16, warmup_epochs=0, deterministic=True)
+    params = plain(epochs=1, batch_size=16, warmup_epochs=0, deterministic=True)
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: seen.append(on))
     seen: list[bool] = []
     out = {k: tmp_path / k for k in ("model.pt", "plots", "last.pt", "dvclive")}

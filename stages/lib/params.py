@@ -327,7 +327,7 @@ class PreprocessParams(Section):
 class AugmentParams(Section):
     rotation: float = Field(7.0, ge=0.0, le=180.0, description="Max random rotation (degrees).")
     crop_scale: float = Field(
-        0.85, gt=0.0, le=1.0, description="Min area share of RandomResizedCrop (1 = no crop)."
+        0.7, gt=0.0, le=1.0, description="Min area share of RandomResizedCrop (1 = no crop)."
     )
     hflip: float = Field(
         0.0, ge=0.0, le=1.0, description="Horizontal flip probability (0: keeps laterality)."
@@ -337,17 +337,17 @@ class AugmentParams(Section):
     autocontrast: float = Field(0.0, ge=0.0, le=1.0, description="RandomAutocontrast prob.")
     sharpness: float = Field(0.0, ge=0.0, le=1.0, description="RandomAdjustSharpness prob.")
     gamma: float = Field(
-        0.0,
+        0.3,
         ge=0.0,
         le=1.0,
         description="Detector-curve jitter: each image is raised to a gamma drawn log-uniformly "
         "in [exp(-gamma), exp(gamma)] (0 = off).",
     )
     noise: float = Field(
-        0.0, ge=0.0, le=0.5, description="Max sd of added Gaussian pixel noise (0..1 scale)."
+        0.04, ge=0.0, le=0.5, description="Max sd of added Gaussian pixel noise (0..1 scale)."
     )
     blur: float = Field(
-        0.0, ge=0.0, le=5.0, description="Max sigma (pixels) of a random Gaussian blur (0 = off)."
+        1.0, ge=0.0, le=5.0, description="Max sigma (pixels) of a random Gaussian blur (0 = off)."
     )
     blur_prob: float = Field(0.5, ge=0.0, le=1.0, description="Share of images blurred.")
     mixup: float = Field(
@@ -371,7 +371,7 @@ class AugmentParams(Section):
 
 
 class ModelParams(Section):
-    name: str = Field("resnet18", description="timm model name (see timm.list_models()).")
+    name: str = Field("efficientnet_b0", description="timm model name (see timm.list_models()).")
     pretrained: bool = Field(
         False,
         description="Start from pretrained (ImageNet) weights, found offline: model.weights, "
@@ -488,7 +488,7 @@ class TrainParams(Section):
         "run. The best epoch is still the best raw value.",
     )
     precise_bn: int = Field(
-        0,
+        16,
         ge=0,
         le=10_000,
         description="Before each validation, recompute the BatchNorm statistics on this many "
@@ -505,7 +505,7 @@ class TrainParams(Section):
         "explained and exported as one model). K members take K times as long.",
     )
     ema: float = Field(
-        0.0,
+        0.998,
         ge=0.0,
         lt=1.0,
         description="Decay of an exponential moving average of the weights (timm ModelEmaV3, "
@@ -563,9 +563,9 @@ class EvaluateParams(Section):
         15, ge=2, le=100, description="Equal-width confidence bins of ECE and the reliability plot."
     )
     tta: bool = Field(
-        False,
+        True,
         description="Test-time augmentation: average over small shifts and a zoom "
-        "(no flips: radiographs have laterality).",
+        "(no flips: radiographs have laterality); `medpipe predict` does the same by default.",
     )
     latency_runs: int = Field(
         50,

@@ -128,7 +128,7 @@ def run(
     out_file: Path = Path("predictions.csv"),
     cam_dir: Path | None = None,
     batch_size: int = 64,
-    tta: bool = False,
+    tta: bool = True,
     threshold: float | None = None,
 ) -> str:
     start = time.perf_counter()
