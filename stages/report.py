@@ -137,9 +137,15 @@ def results_section(
     page.section("results", "Test results")
     unit = result.get("ci_unit", "image")
     how = "all images of a drawn patient kept together" if unit == "patient" else "no patient ids"
+    tta = (
+        " Each probability is the mean over the image, four small shifts and a zoom "
+        "(test-time augmentation, <code>evaluate.tta</code>), on validation as on test."
+        if result.get("tta")
+        else ""
+    )
     page.add(
         f"<p>{result['n_test']:,} test images; 95% bootstrap intervals resampling {unit}s "
-        f"({how}).</p>"
+        f"({how}).{tta}</p>"
     )
     page.add(table(headline_table(result)))
     page.add(table(metric_table({c: result["per_class"][c] for c in classes}, "class")))

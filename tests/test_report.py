@@ -17,7 +17,7 @@ from PIL import Image
 
 from stages import evaluate, report
 from stages.lib import shift
-from stages.lib.io import safe_name, write_result
+from stages.lib.io import read_result, safe_name, write_result
 from stages.lib.params import parse_params
 from tests.conftest import TINY
 
@@ -119,6 +119,7 @@ def write_inputs(root: Path, classes: list[str], seed: int = 0) -> None:
         )
     }
     result |= {"n_test": 40, "per_class": {c: row for c in classes}, "ci": {"accuracy": [0.7, 0.9]}}
+    result["tta"] = True
     at = {"threshold": 0.5, "accuracy": 0.8, "sensitivity": 0.75, "specificity": 0.85, "tp": 9}
     result |= {
         "ece": 0.05,
@@ -282,6 +283,17 @@ def test_per_class_and_per_group_tables_show_intervals(built: Path):
         assert f"<th>{column}</th>" in page
     assert "<td>0.700</td><td>[0.600, 0.800]</td>" in page  # recall, then its interval
     assert "<td>hand</td><td>20</td><td>0.800</td><td>[0.600, 0.950]</td>" in page
+
+
+def test_results_say_the_probabilities_are_test_time_averages(built: Path, in_tmp: Path):
+    section = built.read_text().split('id="results"', 1)[1].split("<h2 ", 1)[0]
+    assert "test-time augmentation" in section
+    result = read_result(in_tmp / "metrics/evaluate.json")  # without TTA the note goes
+    write_result(in_tmp / "metrics/evaluate.json", result | {"tta": False}, evaluate.HEADLINE)
+    params_file = in_tmp / "params.yaml"
+    report.run(parse_params(TINY), params_file, in_tmp / "reports/plain.html")
+    section = (in_tmp / "reports/plain.html").read_text().split('id="results"', 1)[1]
+    assert "test-time augmentation" not in section.split("<h2 ", 1)[0]
 
 
 def test_validation_and_test_are_side_by_side_with_the_shift_flag(built: Path):
