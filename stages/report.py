@@ -229,7 +229,9 @@ def shift_section(page: Page, shift: dict) -> None:
         "class, sensitivity, specificity and calibration error (one-vs-rest ECE) on both "
         "splits, each with a 95% patient-bootstrap interval, and the difference test - val "
         f"with a {shift['difference_level']:.2%} interval (Bonferroni over the {compared} "
-        "figures, so an unshifted test set is flagged in at most 5% of evaluations). "
+        "figures, so an unshifted test set is flagged in at most 5% of evaluations); a "
+        "sensitivity or specificity is flagged only when Newcombe's score interval of the "
+        "difference excludes 0 too, as a bootstrap interval collapses at 0 and 1. "
         "Validation figures of the selected model are optimistic by construction.</p>"
     )
     rows = [

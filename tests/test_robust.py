@@ -110,6 +110,36 @@ def test_shift_flag_fires_on_a_shifted_test_set_and_not_on_an_unshifted_one():
     )
 
 
+def test_a_figure_at_one_is_not_flagged_for_a_difference_chance_explains():
+    """Val: no normal image among 500 called viral (viral specificity 1.000; its bootstrap
+    interval is [1, 1]). Test: 8 of 850 (0.991). Fisher's exact p is about 0.03, not
+    significant at the Bonferroni level: the bootstrap alone would flag it."""
+    classes = ["normal", "bacterial", "viral"]
+
+    def split(n_normal, n_wrong):
+        y = np.array([0] * n_normal + [1] * 300 + [2] * 300)
+        probs = np.full((len(y), 3), 0.05)
+        probs[np.arange(len(y)), y] = 0.9
+        probs[:n_wrong] = [0.1, 0.1, 0.8]  # normal called viral
+        return y, probs, None
+
+    table = shift.compare_splits(split(500, 0), split(850, 8), classes, 400, 0)
+    row = table[(table["class"] == "viral") & (table["figure"] == "specificity")].iloc[0]
+    assert row["val"] == 1.0 and row["val_ci"] == [1.0, 1.0]
+    assert row["difference_ci"][1] < 0  # the collapsed bootstrap interval excludes 0
+    assert row["score_ci"][0] < 0 < row["score_ci"][1] and not row["shift"]
+    # the same difference with enough images is flagged: 0 of 5,000 against 80 of 8,500
+    table = shift.compare_splits(split(5000, 0), split(8500, 80), classes, 200, 0)
+    row = table[(table["class"] == "viral") & (table["figure"] == "specificity")].iloc[0]
+    assert row["score_ci"][1] < 0 and row["shift"]
+
+
+def test_newcombe_interval_matches_the_published_example():
+    # Newcombe (1998), Statistics in Medicine 17:873, example (a): 56/70 against 48/80,
+    # difference 0.2, method 10 interval 0.0524 to 0.3339 (here test - val, so negated)
+    assert shift.newcombe_interval((56, 70), (48, 80), 0.95) == [-0.3339, -0.0524]
+
+
 def test_class_figures_match_direct_counts():
     y = np.array([0, 0, 1, 1, 2, 2])
     probs = np.eye(3)[[0, 1, 1, 1, 2, 0]] * 0.8 + 0.2 / 3

@@ -8,12 +8,20 @@ with a patient-bootstrap 95% interval, and the difference test - val with an int
 the two independent bootstraps. A figure is flagged as shifted when that interval excludes
 0 at a family-wise level: Bonferroni over all the figures compared, so an unshifted test set
 raises a false flag in at most 5% of evaluations, not in one of every 20 figures.
+
+A bootstrap interval collapses at 0 and 1: a validation specificity of 1.000 (no false call
+among 500 images) resamples to 1.000 every time, and a test value of 0.99 would then look
+shifted although 0 of 500 against 8 of 850 is well within chance. So a sensitivity or
+specificity is flagged only when Newcombe's score interval for the difference of two
+proportions (from Wilson intervals, which stay honest at the ends) excludes 0 as well, at
+the same level (`score_ci`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from stages.lib.statistics import (
     CHUNK_RESAMPLES,
@@ -59,6 +67,35 @@ def class_figures(
     }
 
 
+def class_counts(y: np.ndarray, probs: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per class (successes, trials) of sensitivity and specificity: the counts behind them."""
+    k = probs.shape[1]
+    confusion = confusion_matrices(y, probs.argmax(axis=1), np.ones((1, len(y))), k)[0]
+    hits, actual, called = np.diagonal(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    negatives = len(y) - actual
+    return {
+        "sensitivity": (hits, actual),
+        "specificity": (negatives - (called - hits), negatives),
+    }
+
+
+def newcombe_interval(
+    val: tuple[float, float], test: tuple[float, float], level: float
+) -> list[float] | None:
+    """Newcombe's hybrid score interval of test - val for two independent proportions
+    (successes, trials), from scipy's Wilson intervals; None when a split has no trials."""
+    (k1, n1), (k2, n2) = val, test
+    if n1 == 0 or n2 == 0:
+        return None
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = stats.binomtest(int(k1), int(n1)).proportion_ci(level, "wilson")
+    l2, u2 = stats.binomtest(int(k2), int(n2)).proportion_ci(level, "wilson")
+    d = p2 - p1
+    lower = d - np.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2)
+    upper = d + np.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
+    return [round(float(lower), 4), round(float(upper), 4)]
+
+
 def resampled_figures(
     y: np.ndarray,
     probs: np.ndarray,
@@ -85,13 +122,15 @@ def compare_splits(
     bins: int = 15,
 ) -> pd.DataFrame:
     """One row per class and figure: val and test values with 95% intervals, the difference
-    test - val with its family-wise interval, and `shift` (that interval excludes 0).
+    test - val with its family-wise interval, and `shift` (that interval excludes 0, and
+    for sensitivity and specificity Newcombe's score interval `score_ci` does too).
 
     `val` and `test` are (labels (N,), probabilities (N, K), patient ids or None).
     """
-    point, draws = {}, {}
+    point, draws, counts = {}, {}, {}
     for name, (y, probs, patients) in {"val": val, "test": test}.items():
         point[name] = class_figures(y, probs, np.ones((1, len(y))), bins)
+        counts[name] = class_counts(y, probs)
         offset = 0 if name == "val" else 1  # independent resamples of the two splits
         draws[name] = resampled_figures(y, probs, patients, n_resamples, seed + offset, bins)
     m = len(FIGURES) * len(classes)
@@ -106,10 +145,22 @@ def compare_splits(
             diff = draws["test"][figure][:, c] - draws["val"][figure][:, c]
             row["difference"] = _round(point["test"][figure][0, c] - point["val"][figure][0, c])
             row["difference_ci"] = percentile_interval(diff, level)
-            ci = row["difference_ci"]
-            row["shift"] = bool(ci is not None and (ci[0] > 0 or ci[1] < 0))
+            score = None
+            if figure in counts["val"]:
+                score = newcombe_interval(
+                    *((counts[n][figure][0][c], counts[n][figure][1][c]) for n in ("val", "test")),
+                    level,
+                )  # fmt: skip
+            row["score_ci"] = score
+            row["shift"] = _excludes_zero(row["difference_ci"]) and (
+                figure not in counts["val"] or _excludes_zero(score)
+            )
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _excludes_zero(ci: list[float] | None) -> bool:
+    return bool(ci is not None and (ci[0] > 0 or ci[1] < 0))
 
 
 def _round(value: float) -> float | None:
