@@ -6,7 +6,7 @@ import torch
 from stages.lib.augment import BatchAugment
 from stages.lib.params import AugmentParams
 
-NONE = dict(rotation=0, crop_scale=1, hflip=0, brightness=0, contrast=0)
+NONE = dict(rotation=0, crop_scale=1, hflip=0, brightness=0, contrast=0, gamma=0, noise=0, blur=0)
 
 
 def augment(seed=0, **kw):

@@ -104,7 +104,7 @@ def test_evaluate(project, monkeypatch):
     assert (project / "plots/evaluate/roc/normal.csv").exists()
     for key in ("ece", "brier", "params_millions", "model_size_mb", "latency_ms"):
         assert result[key] >= 0, key
-    assert result["latency_ms"] > 0 and result["tta"] is False
+    assert result["latency_ms"] > 0 and result["tta"] is True  # the default
     assert list(pd.read_csv(project / "plots/evaluate/pr/normal.csv").columns) == [
         "recall",
         "precision",

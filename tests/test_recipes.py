@@ -310,6 +310,9 @@ def test_004_lung_disease_grid_embedding_and_cams(project, tmp_path, subprocess_
     )
     apply_recipe(project, subprocess_env, "004-lung-disease", f"data.path={csv}")
     grid = ["-S", "model.name=resnet18,efficientnet_b0,densenet121", "-S", "train.lr=0.0005,0.002"]
+    # a 2-epoch EfficientNet on 120 toy images has BatchNorm statistics from a few batches;
+    # its ONNX graph then differs by up to 8e-4 in probability (1e-6 for the default run)
+    grid += ["-S", "export.tolerance=0.002"]
     sh(project, subprocess_env, "dvc", "exp", "run", "--queue", *grid)
     sh(project, subprocess_env, "dvc", "exp", "run", "--run-all", "-j", "1")
     status = sh(project, subprocess_env, "dvc", "queue", "status")

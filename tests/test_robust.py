@@ -162,7 +162,8 @@ def fit(params: TrainParams, aug: AugmentParams = NO_AUG, model_params=None, val
     return model, state, history
 
 
-BASE = dict(epochs=2, batch_size=16, lr=0.01, patience=5, warmup_epochs=0)
+# the raw loop: the default weight average and BN recomputation off unless a test turns them on
+BASE = dict(epochs=2, batch_size=16, lr=0.01, patience=5, warmup_epochs=0, ema=0.0, precise_bn=0)
 
 
 def test_ema_weights_differ_from_raw_and_are_saved_when_they_validate_better(monkeypatch):
@@ -175,7 +176,7 @@ def test_ema_weights_differ_from_raw_and_are_saved_when_they_validate_better(mon
         return scores | {"f1_macro": len(seen) / 10 if len(seen) % 2 == 0 else 0.0}
 
     monkeypatch.setattr(training, "validate", scripted)
-    model, state, history = fit(TrainParams(**BASE, ema=0.9))
+    model, state, history = fit(TrainParams(**{**BASE, "ema": 0.9}))
     raw, averaged = seen[-2], seen[-1]
     assert raw is model and averaged is not model
     assert all(row["weights"] == "ema" for row in history)
@@ -193,7 +194,7 @@ def test_raw_weights_are_kept_when_they_validate_better(monkeypatch):
         return real(model, *args) | {"f1_macro": len(calls) / 10 if len(calls) % 2 else 0.0}
 
     monkeypatch.setattr(training, "validate", scripted)
-    model, state, history = fit(TrainParams(**BASE, ema=0.9))
+    model, state, history = fit(TrainParams(**{**BASE, "ema": 0.9}))
     assert all(row["weights"] == "raw" for row in history)
     assert all(torch.equal(state[k], model.state_dict()[k]) for k in state)
 
@@ -236,7 +237,9 @@ def test_smoothed_monitor_keeps_a_run_going_that_improves_after_one_lucky_epoch(
 
 def test_intensity_augmentation_changes_each_image_and_is_off_at_zero():
     x = torch.rand(6, 1, 24, 24, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
-    none = AugmentParams(rotation=0, crop_scale=1, brightness=0, contrast=0)
+    none = AugmentParams(
+        rotation=0, crop_scale=1, brightness=0, contrast=0, gamma=0, noise=0, blur=0
+    )
     off = BatchAugment(none, torch.Generator().manual_seed(0)).train()
     assert torch.equal(off(x), x)
 
