@@ -44,13 +44,11 @@ def class_figures(
     probability. A figure without images to define it (no positives, say) is NaN.
     """
     k = probs.shape[1]
-    confusion = confusion_matrices(y, probs.argmax(axis=1), weights, k)  # (R, K, K)
-    hits = np.diagonal(confusion, axis1=1, axis2=2)
-    actual, called, total = confusion.sum(axis=2), confusion.sum(axis=1), confusion.sum((1, 2))
+    counts = _counts(confusion_matrices(y, probs.argmax(axis=1), weights, k))
+    (hits, actual), (true_negatives, negatives) = counts["sensitivity"], counts["specificity"]
+    total = actual.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         sensitivity = np.where(actual > 0, hits / actual, np.nan)
-        negatives = total[:, None] - actual
-        true_negatives = negatives - (called - hits)
         specificity = np.where(negatives > 0, true_negatives / negatives, np.nan)
     calibration = np.empty_like(sensitivity)
     onehot_y = np.eye(k)[y]
@@ -67,16 +65,22 @@ def class_figures(
     }
 
 
-def class_counts(y: np.ndarray, probs: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per class (successes, trials) of sensitivity and specificity: the counts behind them."""
-    k = probs.shape[1]
-    confusion = confusion_matrices(y, probs.argmax(axis=1), np.ones((1, len(y))), k)[0]
-    hits, actual, called = np.diagonal(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
-    negatives = len(y) - actual
+def _counts(confusion: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per class (successes, trials) of sensitivity and specificity, each (R, K), from
+    confusion matrices (R, K, K) with true classes in rows."""
+    hits = np.diagonal(confusion, axis1=1, axis2=2)
+    actual, called = confusion.sum(axis=2), confusion.sum(axis=1)
+    negatives = confusion.sum(axis=(1, 2))[:, None] - actual
     return {
         "sensitivity": (hits, actual),
         "specificity": (negatives - (called - hits), negatives),
     }
+
+
+def class_counts(y: np.ndarray, probs: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per class (successes, trials) of sensitivity and specificity: the counts behind them."""
+    confusion = confusion_matrices(y, probs.argmax(axis=1), np.ones((1, len(y))), probs.shape[1])
+    return {f: (k[0], n[0]) for f, (k, n) in _counts(confusion).items()}
 
 
 def newcombe_interval(
