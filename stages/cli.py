@@ -18,7 +18,13 @@ from stages import __version__
 from stages.lib import paths
 from stages.lib.errors import MedpipeError, ToolFailed
 from stages.lib.locks import stage_lock
-from stages.lib.params import Params, ParamsError, describe_params, load_params
+from stages.lib.params import (
+    EvaluateParams,
+    Params,
+    ParamsError,
+    describe_params,
+    load_params,
+)
 
 app = typer.Typer(
     help="Reproducible medical-image classification: one command per DVC stage.",
@@ -162,7 +168,7 @@ def predict_files(
     cam: Path | None = typer.Option(None, "--cam", help="Folder for Grad-CAM overlays."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
     tta: bool = typer.Option(
-        True,
+        EvaluateParams.model_fields["tta"].default,
         "--tta/--no-tta",
         help="Average over small shifts and a zoom, as the evaluate stage does by default "
         "(evaluate.tta); --no-tta for one pass per image.",

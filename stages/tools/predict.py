@@ -22,7 +22,7 @@ from stages.lib.images import IMAGE_SUFFIXES, image_kind, prepare_image, read_im
 from stages.lib.inference import LoadedModel, load_model
 from stages.lib.io import atomic_path, safe_name, write_csv
 from stages.lib.labels import call_positive
-from stages.lib.params import PreprocessParams
+from stages.lib.params import EvaluateParams, PreprocessParams
 from stages.lib.paths import MODEL
 
 SHOWN_ROWS = 20
@@ -128,7 +128,7 @@ def run(
     out_file: Path = Path("predictions.csv"),
     cam_dir: Path | None = None,
     batch_size: int = 64,
-    tta: bool = True,
+    tta: bool = EvaluateParams.model_fields["tta"].default,
     threshold: float | None = None,
 ) -> str:
     start = time.perf_counter()
