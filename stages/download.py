@@ -178,7 +178,15 @@ def build_csv(
         lambda s: LABEL_SEPARATOR.join(n.strip() for n in s.split(LABEL_SEPARATOR) if n.strip())
     )
     multilabel = frame["label"].str.contains(LABEL_SEPARATOR, regex=False).any()
-    if not multilabel:
+    no_finding: list[str] = []
+    if multilabel:  # "No Finding" is the empty label set, not a 15th class
+        frame["label"], no_finding = labels.drop_no_finding(frame["label"], params.no_finding)
+    else:
+        if params.no_finding is not None:
+            raise ValueError(
+                f"data.no_finding: {path} has no `{LABEL_SEPARATOR}`-joined labels, so it is "
+                "read as single-label (one class per image); unset data.no_finding"
+            )
         frame.loc[(frame["label"] == "") & (frame["problem"] == ""), "problem"] = "no label"
     names = set(frame["label"].str.split(LABEL_SEPARATOR, regex=False).explode()) - {""}
     frame["patient_id"] = frame["patient_id"].str.strip()
@@ -196,6 +204,8 @@ def build_csv(
         "description": f"Images listed in {path.name}",
         "license": "",
     }
+    if multilabel:
+        card["no_finding"] = no_finding
     return from_files(frame, out, card, "map data.columns.patient_id")
 
 
@@ -282,12 +292,17 @@ def run(params: DataParams, raw_dir: Path = paths.RAW) -> str:
         )
         card["n_images"] = len(raw.manifest)
         card["n_patients"] = int(raw.manifest["patient_id"].nunique())
+        if card["task"] == "multilabel":
+            card["n_no_finding"] = int((raw.manifest["label"] == "").sum())
         write_csv(out / "manifest.csv", raw.manifest)
         write_csv(out / "rejected.csv", raw.rejected)
         np.save(out / "thumbnails.npy", raw.thumbnails)
         write_json(out / "dataset.json", card)
     per_class = ", ".join(f"{c} {n:,}" for c, n in card["class_counts"].items())
     extra = [f"positive class {card['positive_class']}"] if card["positive_class"] else []
+    if "n_no_finding" in card:
+        named = " / ".join(card.get("no_finding") or []) or "an empty label"
+        extra.append(f"{card['n_no_finding']:,} image(s) with no finding ({named})")
     if len(raw.rejected):
         extra.append(f"{len(raw.rejected):,} rejected (see {raw_dir}/rejected.csv)")
     return "; ".join(

@@ -18,7 +18,14 @@ import plotly.graph_objects as go
 import yaml
 
 from stages.lib import paths
-from stages.lib.figures import confusion_figures, curve_figures, headline_table, metric_table
+from stages.lib.figures import (
+    confusion_figures,
+    curve_figures,
+    dropped_note,
+    headline_table,
+    metric_table,
+    no_finding_note,
+)
 from stages.lib.io import atomic_path, read_csv, read_json, read_result, safe_name
 from stages.lib.page import (
     Page,
@@ -83,8 +90,20 @@ def data_section(
                 split["test"]["class_counts"][c],
             )
         )
+    if "n_no_finding" in split["train"]:  # multi-label: the empty label set, as a row
+        rows.append(
+            (
+                "(no finding)",
+                split["train"]["n_no_finding_before"],
+                split["train"]["n_no_finding"],
+                split["val"]["n_no_finding"],
+                split["test"]["n_no_finding"],
+            )
+        )
     columns = ["class", "train", "train after undersampling", "val", "test"]
     page.add(table(pd.DataFrame(rows, columns=columns)))
+    page.add(no_finding_note(card))
+    page.add(dropped_note(split))
     page.add(source_line(card))
     patients = ", ".join(f"{s} {split[s]['n_patients']:,}" for s in ("train", "val", "test"))
     overlap = split["patient_overlap"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from stages.lib import paths
@@ -28,6 +29,7 @@ from stages.lib.params import SplitParams
 from stages.lib.splitting import (
     assign_splits,
     cluster_duplicates,
+    copies_of_earlier,
     duplicates_across,
     load_thumbnails,
     rarest_label,
@@ -57,23 +59,51 @@ def audit(
             "class_counts": count_classes(splits[s]["label"], classes, multilabel),
             "class_counts_before": count_classes(before[s]["label"], classes, multilabel),
         }
+        if multilabel:  # the images undersampling cuts: those with the empty label set
+            for key, frame in (("n_no_finding", splits[s]), ("n_no_finding_before", before[s])):
+                report[s][key] = int((frame["label"].astype(str).str.strip() == "").sum())
+    return report
+
+
+def dropped_counts(
+    manifest: pd.DataFrame,
+    column: pd.Series,
+    dropped: pd.Series,
+    classes: list[str],
+    multilabel: bool,
+) -> dict:
+    """metrics/split.json's dropped_duplicates: how many copies left val and test, by class."""
+    report: dict = {"n_images": len(dropped)}
+    for s in SPLITS[1:]:
+        rows = manifest.loc[dropped.index[column[dropped.index] == s]]
+        report[s] = {
+            "n_images": len(rows),
+            "class_counts": count_classes(rows["label"], classes, multilabel),
+        }
     return report
 
 
 def write_split_files(
-    out: Path, splits: dict[str, pd.DataFrame], manifest: pd.DataFrame, dups: pd.DataFrame
+    out: Path,
+    splits: dict[str, pd.DataFrame],
+    manifest: pd.DataFrame,
+    dups: pd.DataFrame,
+    dropped: pd.DataFrame,
 ) -> None:
-    """{train,val,test}.csv and duplicates.csv (what allow_duplicates let through)."""
+    """{train,val,test}.csv and duplicates.csv: the copies dropped from val/test
+    (split.drop_duplicates) and those allow_duplicates let through."""
     for s in SPLITS:
         write_csv(out / f"{s}.csv", splits[s])
-    frame = pd.DataFrame(
+    images = manifest["image"].to_numpy()
+    allowed = pd.DataFrame(
         {
-            "image": manifest["image"].iloc[dups.index].to_numpy(),
+            "image": images[manifest.index.get_indexer(dups.index)],
             "split": dups["split"].to_numpy(),
-            "same_as": manifest["image"].iloc[dups["cluster"]].to_numpy(),
+            "same_as": images[dups["cluster"].to_numpy()],
+            "action": "allowed",
         }
     )
-    write_csv(out / "duplicates.csv", frame)
+    write_csv(out / paths.DUPLICATES_NAME, pd.concat([dropped, allowed], ignore_index=True))
 
 
 def run(
@@ -91,6 +121,17 @@ def run(
     cluster = cluster_duplicates(load_thumbnails(raw_dir, manifest))
     strata = rarest_label(manifest["label"], classes) if multilabel else None
     column = assign_splits(manifest, params, cluster, strata)
+    copies = copies_of_earlier(cluster, column) if params.drop_duplicates else pd.Series()
+    dropped = pd.DataFrame(
+        {
+            "image": manifest.loc[copies.index, "image"].to_numpy(),
+            "split": column[copies.index].to_numpy(),
+            "same_as": manifest["image"].to_numpy()[copies.to_numpy(np.int64)],
+            "action": "dropped",
+        }
+    )
+    drop_report = dropped_counts(manifest, column, copies, classes, multilabel)
+    column = column.where(~column.index.isin(copies.index), "")
     before = {s: manifest[column == s] for s in SPLITS}
     empty = [s for s in SPLITS if before[s].empty]
     if empty:
@@ -114,22 +155,31 @@ def run(
     report = audit(splits, before, classes, multilabel)
     report["strategy"] = params.strategy
     report["duplicate_overlap"] = len(dups)
+    if params.drop_duplicates:
+        report["dropped_duplicates"] = drop_report
     if report["patient_overlap"] and params.strategy != "image":
         raise ValueError(f"split: {report['patient_overlap']} patient(s) appear in two splits")
     if len(dups) and not params.allow_duplicates:
         examples = ", ".join(manifest["image"].iloc[dups.index[:4]])
         raise ValueError(
             f"split: {len(dups)} image(s) have a near-duplicate in another split (e.g. "
-            f"{examples}); they inflate test scores. Remove them from the source, use "
-            "split.strategy patient, or set split.allow_duplicates: true to accept them"
+            f"{examples}); they inflate test scores. Set split.drop_duplicates: true to keep "
+            "the source's test set minus the copies of training images, use split.strategy "
+            "patient to resplit, or set split.allow_duplicates: true to accept them"
         )
     with atomic_dir(out_dir) as tmp:  # all four files or none (a full disk keeps the old set)
-        write_split_files(tmp, splits, manifest, dups)
+        write_split_files(tmp, splits, manifest, dups, dropped)
     write_json(metrics_file, report)
     sizes = ", ".join(
         f"{s} {report[s]['n_images']:,} ({report[s]['n_patients']:,} pts)" for s in SPLITS
     )
     warn = " WARNING: image-level split, patients leak" if report["patient_overlap"] else ""
+    if len(copies):
+        warn += (
+            f"; dropped {drop_report['val']['n_images']:,} val and "
+            f"{drop_report['test']['n_images']:,} test image(s) that copy an earlier split "
+            f"(see {out_dir / paths.DUPLICATES_NAME})"
+        )
     if len(dups):
         warn += f" WARNING: {len(dups)} near-duplicate image(s) across splits (allowed)"
     return (

@@ -11,6 +11,10 @@ import yaml
 
 from stages.lib.params import Params, parse_params
 
+# No test reaches the Hugging Face hub: pretrained weights come from files, caches, packages
+# or the loopback stand-in of tests/test_hub.py (set before huggingface_hub reads it).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # where `medpipe` and `dvc` live
 

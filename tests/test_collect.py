@@ -249,3 +249,43 @@ def test_csv_with_missing_column_names_it(tmp_path):
     pd.DataFrame({"file": ["a.png"], "label": ["x"]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(ValueError, match=r"column\(s\) \['image'\] not found"):
         download.run(DataParams(source="csv", path=str(tmp_path / "t.csv")), tmp_path / "raw")
+
+
+@pytest.mark.parametrize(
+    ("words", "named"),
+    [("No Finding", None), ("normal", None), ("Nothing", "Nothing"), ("", None)],
+)
+def test_multilabel_no_finding_is_the_empty_label_set(tmp_path, words, named):
+    rows = []
+    for i, label in enumerate([words, "Mass|Nodule", "Effusion", words, "Nodule", words]):
+        noise_png(tmp_path / f"{i}.png", seed=i)
+        rows.append((f"{i}.png", label, f"p{i}"))
+    pd.DataFrame(rows, columns=["Image Index", "Finding Labels", "Patient ID"]).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    columns = {"image": "Image Index", "label": "Finding Labels", "patient_id": "Patient ID"}
+    params = DataParams.model_validate(
+        {"source": "csv", "path": str(tmp_path / "t.csv"), "columns": columns, "no_finding": named}
+    )
+    line = download.run(params, tmp_path / "raw")
+    manifest, _, card = read_raw(tmp_path / "raw")
+    assert card["classes"] == ["Effusion", "Mass", "Nodule"]  # never a class of its own
+    assert card["n_no_finding"] == 3 and card["no_finding"] == ([words] if words else [])
+    assert manifest["label"].tolist()[:3] == ["", "Mass|Nodule", "Effusion"]
+    assert "3 image(s) with no finding" in line
+
+
+def test_no_finding_param_is_checked_against_the_data(tmp_path):
+    for i in range(4):
+        noise_png(tmp_path / f"{i}.png", seed=i)
+    labels = ["Mass|Nodule", "Nada", "Mass", "Nada"]
+    pd.DataFrame({"image": [f"{i}.png" for i in range(4)], "label": labels}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    typo = DataParams(source="csv", path=str(tmp_path / "t.csv"), no_finding="nada")
+    with pytest.raises(ValueError, match=r"data.no_finding: 'nada' is not a label .*'Nada'"):
+        download.run(typo, tmp_path / "raw")
+    single = tmp_path / "s.csv"
+    single.write_text("image,label\n0.png,Mass\n1.png,Nada\n")
+    with pytest.raises(ValueError, match=r"data.no_finding: .* read as single-label"):
+        download.run(DataParams(source="csv", path=str(single), no_finding="Nada"), tmp_path / "r")

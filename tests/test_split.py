@@ -195,3 +195,56 @@ def test_duplicate_check_is_fast_on_many_images():
     cluster = splitting.cluster_duplicates(thumbs)
     assert time.perf_counter() - start < 5
     assert len(set(cluster)) == 20_000
+
+
+def test_copies_of_earlier_keep_the_first_split_copy():
+    #            0        1       2       3       4      5       6
+    column = pd.Series(["train", "val", "test", "test", "val", "test", "train"])
+    cluster = np.array([0, 0, 0, 3, 4, 4, 6])  # 0-1-2 one picture; 4-5 another; 3, 6 alone
+    copies = splitting.copies_of_earlier(cluster, column)
+    assert copies.to_dict() == {1: 0, 2: 0, 5: 4}  # val keeps its copy against test
+
+
+def test_official_split_drops_eval_copies_and_keeps_the_rest(tmp_path):
+    manifest = make_manifest(n_patients=30, per_patient=1)
+    manifest["source_split"] = ["train"] * 20 + ["val"] * 5 + ["test"] * 5
+    thumbs = picture_thumbs(len(manifest))
+    thumbs[27] = thumbs[3]  # a training image again in test
+    thumbs[28] = np.clip(thumbs[22].astype(int) + 2, 0, 255)  # a val image re-windowed in test
+    thumbs[29] = thumbs[29]  # an image only test has: kept
+    write_raw(tmp_path / "raw", manifest, thumbs)
+    line = split.run(
+        SplitParams(drop_duplicates=True),
+        tmp_path / "raw",
+        tmp_path / "split",
+        tmp_path / "split.json",
+    )
+    audit = json.loads((tmp_path / "split.json").read_text())
+    assert audit["duplicate_overlap"] == 0 and audit["test"]["n_images"] == 3
+    dropped = audit["dropped_duplicates"]
+    assert dropped["n_images"] == 2 and dropped["val"]["n_images"] == 0
+    labels = manifest["label"]
+    expected = {c: int((labels[[27, 28]] == c).sum()) for c in ("a", "b", "c")}
+    assert dropped["test"]["class_counts"] == expected
+    assert "dropped 0 val and 2 test image(s)" in line and "duplicates.csv" in line
+    listed = pd.read_csv(tmp_path / "split" / "duplicates.csv")
+    assert listed[["image", "split", "same_as", "action"]].values.tolist() == [
+        ["img27_0.png", "test", "img3_0.png", "dropped"],
+        ["img28_0.png", "test", "img22_0.png", "dropped"],
+    ]
+    test = pd.read_csv(tmp_path / "split" / "test.csv")
+    assert test["image"].tolist() == ["img25_0.png", "img26_0.png", "img29_0.png"]
+    train = pd.read_csv(tmp_path / "split" / "train.csv")
+    assert "img3_0.png" in set(train["image"])  # train keeps its copy
+
+
+def test_multilabel_audit_counts_images_without_a_finding(tmp_path):
+    manifest = make_manifest(n_patients=100, labels=("", "", "", "", "a", "a|b", "c"))
+    write_raw(tmp_path / "raw", manifest, classes=("a", "b", "c"), task="multilabel")
+    params = SplitParams(undersample="majority")
+    split.run(params, tmp_path / "raw", tmp_path / "s", tmp_path / "j")
+    audit = json.loads((tmp_path / "j").read_text())
+    train = audit["train"]
+    found = train["n_images_before"] - train["n_no_finding_before"]
+    assert train["n_no_finding"] == found < train["n_no_finding_before"]
+    assert audit["test"]["n_no_finding"] == audit["test"]["n_no_finding_before"] > 0

@@ -98,3 +98,42 @@ def check_block_name(model_name: str, block: str) -> None:
         raise ValueError(
             f"trainable_from: {block!r} is not a block of {model_name}; valid: {', '.join(names)}"
         )
+
+
+# Published MedMNIST v2 baselines (test split): flag -> model (input px) -> (AUC, ACC).
+# Source: Yang et al., "MedMNIST v2", Scientific Data 10:41 (2023), Table 3 (2D datasets),
+# ResNet-18/50 trained from scratch on the official splits.
+MEDMNIST_V2_SOURCE = "MedMNIST v2 (Yang et al., Sci Data 2023, Table 3)"
+MEDMNIST_V2_BASELINES: dict[str, dict[str, tuple[float, float]]] = {
+    "pathmnist": {"ResNet-18 (28)": (0.983, 0.907), "ResNet-18 (224)": (0.989, 0.909),
+                  "ResNet-50 (28)": (0.990, 0.911), "ResNet-50 (224)": (0.989, 0.892)},
+    "chestmnist": {"ResNet-18 (28)": (0.768, 0.947), "ResNet-18 (224)": (0.773, 0.947),
+                   "ResNet-50 (28)": (0.769, 0.947), "ResNet-50 (224)": (0.773, 0.948)},
+    "dermamnist": {"ResNet-18 (28)": (0.917, 0.735), "ResNet-18 (224)": (0.920, 0.754),
+                   "ResNet-50 (28)": (0.913, 0.735), "ResNet-50 (224)": (0.912, 0.731)},
+    "octmnist": {"ResNet-18 (28)": (0.943, 0.743), "ResNet-18 (224)": (0.958, 0.763),
+                 "ResNet-50 (28)": (0.952, 0.762), "ResNet-50 (224)": (0.958, 0.776)},
+    "pneumoniamnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-18 (224)": (0.956, 0.864),
+                       "ResNet-50 (28)": (0.948, 0.854), "ResNet-50 (224)": (0.962, 0.884)},
+    "retinamnist": {"ResNet-18 (28)": (0.717, 0.524), "ResNet-18 (224)": (0.710, 0.493),
+                    "ResNet-50 (28)": (0.726, 0.528), "ResNet-50 (224)": (0.716, 0.511)},
+    "breastmnist": {"ResNet-18 (28)": (0.901, 0.863), "ResNet-18 (224)": (0.891, 0.833),
+                    "ResNet-50 (28)": (0.857, 0.812), "ResNet-50 (224)": (0.866, 0.842)},
+    "bloodmnist": {"ResNet-18 (28)": (0.998, 0.958), "ResNet-18 (224)": (0.998, 0.963),
+                   "ResNet-50 (28)": (0.997, 0.956), "ResNet-50 (224)": (0.997, 0.950)},
+    "tissuemnist": {"ResNet-18 (28)": (0.930, 0.676), "ResNet-18 (224)": (0.933, 0.681),
+                    "ResNet-50 (28)": (0.931, 0.680), "ResNet-50 (224)": (0.932, 0.680)},
+    "organamnist": {"ResNet-18 (28)": (0.997, 0.935), "ResNet-18 (224)": (0.998, 0.951),
+                    "ResNet-50 (28)": (0.997, 0.935), "ResNet-50 (224)": (0.998, 0.950)},
+    "organcmnist": {"ResNet-18 (28)": (0.992, 0.900), "ResNet-18 (224)": (0.994, 0.920),
+                    "ResNet-50 (28)": (0.992, 0.905), "ResNet-50 (224)": (0.993, 0.911)},
+    "organsmnist": {"ResNet-18 (28)": (0.972, 0.782), "ResNet-18 (224)": (0.974, 0.778),
+                    "ResNet-50 (28)": (0.972, 0.770), "ResNet-50 (224)": (0.975, 0.785)},
+}  # fmt: skip
+
+
+def medmnist_baselines(name: str) -> dict[str, tuple[float, float]]:
+    """The published (AUC, ACC) per baseline for a MedMNIST file or flag name
+    (`breastmnist`, `breastmnist_64.npz`, ...); empty when the flag is not in the table."""
+    flag = Path(name).name.removesuffix(".npz").split("_")[0].lower()
+    return MEDMNIST_V2_BASELINES.get(flag, {})

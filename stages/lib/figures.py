@@ -3,12 +3,14 @@ tables with their intervals, confusion matrices, ROC and precision-recall curves
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from stages.lib import paths
 from stages.lib.page import class_curves, interval
 
 # column order of the per-class and per-group tables (counts first; others after, as stored)
@@ -112,3 +114,34 @@ def curve_figures(
         height=380,
     )
     return roc, pr
+
+
+def no_finding_note(card: dict) -> str:
+    """Multi-label data: how many images have no finding, and which label value said so."""
+    if "n_no_finding" not in card:
+        return ""
+    named = card.get("no_finding") or []
+    said = (
+        f" (labelled {', '.join(html.escape(n) for n in named)}: read as the empty label set, "
+        "not as a class)"
+        if named
+        else ""
+    )
+    share = card["n_no_finding"] / max(card["n_images"], 1)
+    return f"<p>{card['n_no_finding']:,} images ({share:.0%}) have no finding{said}.</p>"
+
+
+def dropped_note(split: dict) -> str:
+    """split.drop_duplicates: the copies of earlier-split images removed from val and test."""
+    dropped = split.get("dropped_duplicates")
+    if not dropped:
+        return ""
+    parts = []
+    for s in ("val", "test"):
+        counts = ", ".join(f"{html.escape(c)} {n:,}" for c, n in dropped[s]["class_counts"].items())
+        parts.append(f"{s} {dropped[s]['n_images']:,} ({counts})")
+    return (
+        f"<p>Near-duplicates dropped: {dropped['n_images']:,} images copied an image of an "
+        f"earlier split and were removed: {'; '.join(parts)}. The listed files are in "
+        f"<code>{paths.DUPLICATES}</code>.</p>"
+    )

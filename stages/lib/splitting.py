@@ -12,7 +12,11 @@ from stages.lib.images import read_image, thumbnail
 from stages.lib.io import LABEL_SEPARATOR, SPLITS, count_classes
 from stages.lib.params import SplitParams
 
-DUPLICATE_RMS = 4.0  # RMS difference (0-255) of 16x16 thumbnails: same picture below this
+# RMS difference (0-255) of 16x16 thumbnails: the same picture at or below this. Tuned on the
+# Kaggle brain-tumour MRI set (96 px; benchmarks/duplicates.py): at 6 every Testing image
+# joined to a Training one is a copy (470 of 470: correlation >= 0.997 after intensity
+# normalisation, a sample checked by eye); 8 starts joining neighbouring slices (3 of 474).
+DUPLICATE_RMS = 6.0
 
 
 CHUNK = 2048  # rows per block of the pairwise distance computation
@@ -138,6 +142,24 @@ def duplicates_across(cluster: np.ndarray, column: pd.Series) -> pd.DataFrame:
     frame = frame[frame["split"].isin(SPLITS)]
     spread = frame.groupby("cluster")["split"].nunique()
     return frame[frame["cluster"].isin(spread.index[spread > 1])]
+
+
+def copies_of_earlier(cluster: np.ndarray, column: pd.Series) -> pd.Series:
+    """Rows that repeat an image of an earlier split (train < val < test): the position of
+    the kept copy, indexed like `column`; rows with no copy in an earlier split are absent.
+
+    Dropping these keeps every split (the source's test set above all) and removes only
+    what would let a model be scored on an image it was trained or selected on.
+    """
+    rank = column.map({s: i for i, s in enumerate(SPLITS)})
+    frame = pd.DataFrame(
+        {"cluster": cluster, "rank": rank.to_numpy(), "pos": np.arange(len(column))},
+        index=column.index,
+    ).dropna(subset=["rank"])
+    first = frame.sort_values(["rank", "pos"]).groupby("cluster")[["rank", "pos"]].first()
+    keeper = first.loc[frame["cluster"]].set_axis(frame.index)
+    later = frame["rank"] > keeper["rank"]
+    return keeper.loc[later, "pos"].astype(np.int64)
 
 
 def load_thumbnails(raw_dir: Path, manifest: pd.DataFrame) -> np.ndarray:
