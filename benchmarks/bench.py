@@ -182,7 +182,9 @@ class TrainBench:
 
         def fresh_model():
             torch.manual_seed(0)
-            model = build_model(ModelParams(name=model_name), len(self.meta.classes), channels)
+            model = build_model(
+                ModelParams(pretrained=False, name=model_name), len(self.meta.classes), channels
+            )
             return model.to(self.device, memory_format=torch.channels_last)
 
         self.fresh_model = fresh_model

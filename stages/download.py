@@ -269,6 +269,12 @@ def check_classes(raw: RawData) -> dict[str, int]:
 
     if raw.manifest.empty:
         raise ValueError(f"data: no readable images in the {card['source']} source{why(rejected)}")
+    if not card["classes"]:
+        said = f" ({', '.join(card.get('no_finding') or [])})" if card.get("no_finding") else ""
+        raise ValueError(
+            f"data: no image of the {card['source']} source has a finding{said}: nothing to "
+            "classify; check data.columns.label and data.no_finding"
+        )
     counts = count_classes(raw.manifest["label"], card["classes"], multilabel)
     empty = [c for c, n in counts.items() if n == 0]
     if empty:

@@ -21,7 +21,7 @@ BIN = str(Path(sys.executable).parent)  # where `medpipe` and `dvc` live
 TINY = {
     "data": {"synthetic": {"n_patients": 60, "image_size": [64, 96], "seed": 1}},
     "preprocess": {"size": 32},
-    "model": {"name": "resnet10t"},
+    "model": {"name": "resnet10t", "pretrained": False},
     "train": {"epochs": 2, "batch_size": 16, "patience": 2, "warmup_epochs": 0},
     "evaluate": {"batch_size": 64, "bootstrap": 50},
     "embed": {"max_points": 60, "perplexity": 5.0},

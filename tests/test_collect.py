@@ -289,3 +289,14 @@ def test_no_finding_param_is_checked_against_the_data(tmp_path):
     single.write_text("image,label\n0.png,Mass\n1.png,Nada\n")
     with pytest.raises(ValueError, match=r"data.no_finding: .* read as single-label"):
         download.run(DataParams(source="csv", path=str(single), no_finding="Nada"), tmp_path / "r")
+
+
+def test_multilabel_data_without_any_finding_is_refused(tmp_path):
+    for i in range(3):
+        noise_png(tmp_path / f"{i}.png", seed=i)
+    labels = ["No Finding", "No Finding|normal", "No Finding"]
+    pd.DataFrame({"image": [f"{i}.png" for i in range(3)], "label": labels}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    with pytest.raises(ValueError, match=r"no image of the csv source has a finding"):
+        download.run(DataParams(source="csv", path=str(tmp_path / "t.csv")), tmp_path / "raw")

@@ -122,7 +122,12 @@ def test_train_fingerprint_hashes_the_declared_code(monkeypatch, tmp_path):
     from stages.lib.params import AugmentParams, ModelParams, TrainParams
 
     with pytest.raises(SystemExit):
-        train.run(ModelParams(name="resnet10t"), TrainParams(), AugmentParams(), processed)
+        train.run(
+            ModelParams(pretrained=False, name="resnet10t"),
+            TrainParams(),
+            AugmentParams(),
+            processed,
+        )
     code = {d for d in declared("train", "deps") if d.startswith("stages/")}
     assert seen["code"] == code
 

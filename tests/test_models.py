@@ -53,7 +53,7 @@ def test_weights_file_loads_and_adapts_the_first_conv(tmp_path, empty_caches):
 
 def test_a_model_pt_can_seed_another_run(tmp_path, empty_caches):
     torch.manual_seed(0)
-    first = build_model(ModelParams(name="resnet10t"), 3, 1)
+    first = build_model(ModelParams(pretrained=False, name="resnet10t"), 3, 1)
     save_checkpoint(tmp_path / "model.pt", first, model_meta(["a", "b", "c"]))
     params = ModelParams(name="resnet10t", pretrained=True, weights=str(tmp_path / "model.pt"))
     second = build_model(params, 5, 1)
@@ -136,7 +136,9 @@ def test_pretrained_norm_averages_rgb_for_gray():
 
 def test_mlp_head_round_trips_through_the_checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = build_model(ModelParams(name="resnet10t", head_hidden=16, dropout=0.1), 3, 1)
+    model = build_model(
+        ModelParams(pretrained=False, name="resnet10t", head_hidden=16, dropout=0.1), 3, 1
+    )
     assert [type(m).__name__ for m in model.fc] == ["Linear", "ReLU", "Dropout", "Linear"]
     assert model.fc[0].out_features == 16 and model.fc[3].out_features == 3
     meta = model_meta(["a", "b", "c"], mean=[0.5])
@@ -148,11 +150,13 @@ def test_mlp_head_round_trips_through_the_checkpoint(tmp_path):
 
 def test_head_hidden_needs_a_linear_classifier():
     with pytest.raises(ValueError, match="no single linear classifier"):
-        build_model(ModelParams(name="dla34", head_hidden=8), 2, 3)  # 1x1-conv head
+        build_model(
+            ModelParams(pretrained=False, name="dla34", head_hidden=8), 2, 3
+        )  # 1x1-conv head
 
 
 def test_trainable_from_keeps_later_blocks_and_the_head():
-    model = build_model(ModelParams(name="resnet10t"), 3, 1)
+    model = build_model(ModelParams(pretrained=False, name="resnet10t"), 3, 1)
     set_trainable(model, head_only=False, trainable_from="layer3")
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"layer3", "layer4", "fc"}
@@ -172,7 +176,7 @@ def test_unknown_trainable_from_is_a_params_error_listing_blocks():
 
 def test_predict_multilabel_uses_sigmoid():
     torch.manual_seed(0)
-    model = build_model(ModelParams(name="resnet10t"), 4, 1)
+    model = build_model(ModelParams(pretrained=False, name="resnet10t"), 4, 1)
     images = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 1), dtype=np.uint8)
     meta = model_meta(["a", "b", "c"], mean=[0.5], std=[0.25])
     multi = predict(model, images, replace(meta, task="multilabel"), 2, CPU)

@@ -155,7 +155,7 @@ def test_class_figures_match_direct_counts():
 
 def fit(params: TrainParams, aug: AugmentParams = NO_AUG, model_params=None, validate=None):
     torch.manual_seed(0)
-    model = build_model(model_params or ModelParams(name="resnet10t"), 2, 1)
+    model = build_model(model_params or ModelParams(pretrained=False, name="resnet10t"), 2, 1)
     state, history = training.fit(
         model, separable_data(), separable_data(seed=1), model_meta(), params, aug, 0
     )
@@ -258,18 +258,18 @@ def test_intensity_augmentation_changes_each_image_and_is_off_at_zero():
 
 
 def test_drop_path_sets_stochastic_depth_and_refuses_models_without_it():
-    model = build_model(ModelParams(name="resnet10t", drop_path=0.2), 2, 1)
+    model = build_model(ModelParams(pretrained=False, name="resnet10t", drop_path=0.2), 2, 1)
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(0.2)
     with pytest.raises(ValueError, match=r"model\.drop_path: vgg11 has no stochastic depth"):
-        build_model(ModelParams(name="vgg11", drop_path=0.1), 2, 1)
+        build_model(ModelParams(pretrained=False, name="vgg11", drop_path=0.1), 2, 1)
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenetv3_large_100"])
 def test_every_family_starts_at_uniform_predictions(name):
     """timm's EfficientNet/MobileNet heads start with logits of sd ~7 for 3 classes; the
     zero head starts every family at loss ln K."""
-    model = build_model(ModelParams(name=name), 3, 1).train()
+    model = build_model(ModelParams(pretrained=False, name=name), 3, 1).train()
     logits = model(torch.randn(8, 1, 64, 64))
     loss = nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     assert loss.item() == pytest.approx(math.log(3), abs=1e-5)
@@ -288,7 +288,7 @@ def test_precise_bn_turns_a_chance_level_model_from_scratch_into_a_working_one(n
 
     def val_accuracy(precise_bn):
         torch.manual_seed(0)
-        model = build_model(ModelParams(name=name), 2, 1)
+        model = build_model(ModelParams(pretrained=False, name=name), 2, 1)
         params = TrainParams(epochs=2, batch_size=16, warmup_epochs=1, precise_bn=precise_bn)
         _, history = training.fit(
             model, upscaled(128, 0), upscaled(64, 1), model_meta(), params, NO_AUG, 0
@@ -305,7 +305,7 @@ def test_precise_bn_turns_a_chance_level_model_from_scratch_into_a_working_one(n
 @pytest.mark.parametrize("multilabel", [False, True])
 def test_ensemble_probabilities_are_the_members_mean(multilabel):
     torch.manual_seed(0)
-    members = [build_model(ModelParams(name="resnet10t"), 3, 1) for _ in range(3)]
+    members = [build_model(ModelParams(pretrained=False, name="resnet10t"), 3, 1) for _ in range(3)]
     for m in members:  # zero heads would make every member uniform
         nn.init.normal_(m.get_classifier().weight, std=0.5)
     ensemble = Ensemble(members, multilabel).eval()
@@ -379,7 +379,7 @@ def test_an_ensemble_exports_as_one_model_that_matches_pytorch(tmp_path):
     processed, single = tiny_processed(tmp_path, "multiclass", ["a", "b", "c"], n=8)
     _, meta = load_checkpoint(single)
     torch.manual_seed(0)
-    members = [build_model(ModelParams(name="resnet10t"), 3, 1) for _ in range(2)]
+    members = [build_model(ModelParams(pretrained=False, name="resnet10t"), 3, 1) for _ in range(2)]
     for m in members:
         nn.init.normal_(m.get_classifier().weight, std=0.5)
     checkpoint = tmp_path / "ensemble.pt"

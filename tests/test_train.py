@@ -67,7 +67,7 @@ def test_loader_gathers_whole_batches_with_a_policy():
 
 
 def test_freeze_leaves_only_the_head_trainable():
-    model = build_model(ModelParams(name="resnet10t"), 3, 1)
+    model = build_model(ModelParams(pretrained=False, name="resnet10t"), 3, 1)
     training.set_trainable(model, head_only=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.weight", "fc.bias"}
@@ -128,7 +128,7 @@ def test_fit_learns_a_separable_task_and_is_deterministic():
     results = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = build_model(ModelParams(name="resnet10t"), 2, 1)
+        model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
         state, history = training.fit(
             model, separable_data(), separable_data(seed=1), meta, params, NO_AUG, freeze_epochs=0
         )
@@ -156,7 +156,7 @@ def test_train_json_is_rewritten_after_every_epoch(tmp_path, monkeypatch):
     params = plain(epochs=3, batch_size=16, patience=3, warmup_epochs=0)
     out = {k: tmp_path / k for k in ("model.pt", "plots", "last.pt", "dvclive")}
     train.run(
-        ModelParams(name="resnet10t"),
+        ModelParams(pretrained=False, name="resnet10t"),
         params,
         NO_AUG,
         processed,
@@ -176,7 +176,7 @@ def test_freeze_then_unfreeze_moves_the_backbone_only_after_freeze_epochs():
     snapshots = []
     for epochs in (1, 2):
         torch.manual_seed(0)
-        model = build_model(ModelParams(name="resnet10t"), 2, 1)
+        model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
         start = {k: v.clone() for k, v in model.state_dict().items()}
         params = plain(epochs=epochs, batch_size=16, warmup_epochs=0, unfreeze_lr_factor=0.1)
         training.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 1)
@@ -205,7 +205,7 @@ def test_grad_clip_bounds_the_sgd_step():
         warmup_epochs=0, scheduler="none", grad_clip=1e-6,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = build_model(ModelParams(name="resnet10t"), 2, 1)
+    model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
     before = [p.detach().clone() for p in model.parameters()]
     training.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 0)
     steps = 48 // 16
@@ -220,7 +220,9 @@ def test_multilabel_fixture_trains_with_bce_and_scores_macro_auc(in_tmp):
     params = plain(
         epochs=4, batch_size=16, lr=0.01, warmup_epochs=0, monitor="val_roc_auc", patience=4
     )
-    line = train.run(ModelParams(name="resnet10t"), params, NO_AUG, processed_dir=processed)
+    line = train.run(
+        ModelParams(pretrained=False, name="resnet10t"), params, NO_AUG, processed_dir=processed
+    )
     assert "val_roc_auc" in line
     history = pd.read_csv(in_tmp / "plots/train/history.csv")
     auc = history["val_roc_auc"]
@@ -245,7 +247,7 @@ def test_early_stopping_ends_after_patience_and_keeps_the_best_epoch(monkeypatch
     )
     meta = model_meta(["a", "b"])
     params = plain(epochs=8, batch_size=16, warmup_epochs=0, patience=2, monitor="val_loss")
-    model = build_model(ModelParams(name="resnet10t"), 2, 1)
+    model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
     data = separable_data(32)
     _, history = training.fit(model, data, data, meta, params, NO_AUG, 0)
     # lower val_loss is better: epoch 2 is best; epochs 3 and 4 do not beat it -> stop after 4
@@ -378,18 +380,22 @@ def test_compile_trains_and_keeps_plain_weight_names():
     meta = model_meta(["a", "b"])
     params = plain(epochs=1, batch_size=16, warmup_epochs=0, compile=True)
     torch.manual_seed(0)
-    model = build_model(ModelParams(name="resnet10t"), 2, 1)
+    model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
     state, history = training.fit(
         model, separable_data(48), separable_data(24, 16, 1), meta, params, NO_AUG, 0
     )
-    assert set(state) == set(build_model(ModelParams(name="resnet10t"), 2, 1).state_dict())
+    assert set(state) == set(
+        build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1).state_dict()
+    )
     assert np.isfinite(history[0]["train_loss"])
 
 
 def test_pretrained_run_normalises_with_the_weights_statistics(in_tmp):
     processed = write_processed(in_tmp, ["a", "b"])
     torch.manual_seed(1)
-    torch.save(build_model(ModelParams(name="resnet10t"), 1000, 3).state_dict(), "w.pth")
+    torch.save(
+        build_model(ModelParams(pretrained=False, name="resnet10t"), 1000, 3).state_dict(), "w.pth"
+    )
     model_params = ModelParams(name="resnet10t", pretrained=True, weights="w.pth")
     params = plain(epochs=1, batch_size=16, warmup_epochs=0)
     train.run(model_params, params, NO_AUG, processed_dir=processed)
@@ -406,7 +412,7 @@ def test_loader_workers_do_not_change_the_trained_weights():
     weights = []
     for workers in (0, 2):
         torch.manual_seed(0)
-        model = build_model(ModelParams(name="resnet10t"), 2, 1)
+        model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
         params = plain(epochs=1, batch_size=8, warmup_epochs=0, num_workers=workers)
         training.fit(model, separable_data(64), separable_data(16, seed=1), meta, params, aug, 0)
         weights.append(model.state_dict())
@@ -422,7 +428,7 @@ def test_train_json_records_the_hardware_and_deterministic_switch(tmp_path, monk
     seen: list[bool] = []
     out = {k: tmp_path / k for k in ("model.pt", "plots", "last.pt", "dvclive")}
     train.run(
-        ModelParams(name="resnet10t"), params, NO_AUG, processed, out["model.pt"],
+        ModelParams(pretrained=False, name="resnet10t"), params, NO_AUG, processed, out["model.pt"],
         metrics_file, out["plots"], out["last.pt"], out["dvclive"],
     )  # fmt: skip
     assert seen == [True]
