@@ -289,7 +289,9 @@ def test_precise_bn_turns_a_chance_level_model_from_scratch_into_a_working_one(n
     def val_accuracy(precise_bn):
         torch.manual_seed(0)
         model = build_model(ModelParams(pretrained=False, name=name), 2, 1)
-        params = TrainParams(epochs=2, batch_size=16, warmup_epochs=1, precise_bn=precise_bn)
+        params = TrainParams(
+            epochs=2, batch_size=16, warmup_epochs=1, lr=0.002, precise_bn=precise_bn
+        )
         _, history = training.fit(
             model, upscaled(128, 0), upscaled(64, 1), model_meta(), params, NO_AUG, 0
         )

