@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.lib.params import Params
 from tests.conftest import ROOT, child_env, write_params
 
 pytestmark = pytest.mark.slow
@@ -152,7 +153,8 @@ def test_compare_page_lists_both_experiments(repo, env):
     page = (repo / "reports/compare.html").read_text()
     table = page[page.index('<table class="sortable">') : page.index("</table>")]
     assert table.count("<tr><td>") >= 4  # workspace, baseline and the two experiments
-    assert "<td>0.005</td>" in table and "<td>0.002</td>" in table  # the lr ablation
+    baseline = f"<td>{Params().train.lr}</td>"  # the default lr of the baseline run
+    assert "<td>0.005</td>" in table and baseline in table  # the lr ablation
     assert "<td>24</td>" in table  # the preprocess.size experiment
     for div in ("metric-vs-param", "val-curves", "parallel"):
         assert f'id="{div}"' in page
