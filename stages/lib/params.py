@@ -384,9 +384,7 @@ class AugmentParams(Section):
 
 
 class ModelParams(Section):
-    name: str = Field(
-        "efficientnet_lite0", description="timm model name (see timm.list_models())."
-    )
+    name: str = Field("efficientnet_lite0", description="timm model name (see timm.list_models()).")
     pretrained: bool = Field(
         True,
         description="Start from pretrained (ImageNet) weights, offline first: model.weights, "
