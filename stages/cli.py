@@ -16,6 +16,7 @@ import typer
 
 from stages import __version__
 from stages.lib import paths
+from stages.lib.console import error, track_stderr
 from stages.lib.errors import MedpipeError, ToolFailed
 from stages.lib.locks import stage_lock
 from stages.lib.params import (
@@ -48,13 +49,14 @@ def main(
     ),
 ) -> None:
     """Reproducible medical-image classification: one command per DVC stage."""
+    track_stderr()
 
 
 def _params(path: Path) -> Params:
     try:
         return load_params(path)
     except ParamsError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        error(str(exc))
         raise typer.Exit(2) from None
 
 
@@ -75,10 +77,10 @@ def _run(step: Callable[[], str], stage: str | None = None) -> None:
         with stage_lock(stage) if stage else contextlib.nullcontext():
             summary = step()
     except OSError as exc:
-        typer.echo(f"error: {describe(exc)}", err=True)
+        error(describe(exc))
         raise typer.Exit(1) from None
     except (ValueError, MedpipeError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        error(str(exc))
         raise typer.Exit(1) from None
     typer.echo(summary)
 
@@ -246,12 +248,34 @@ def pr_summary(
     try:
         markdown, gate = review.summarize(Path("."), base, p.report, p.evaluate)
     except (ToolFailed, ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        error(str(exc))
         raise typer.Exit(1) from None
     typer.echo(markdown)
     if not gate.passed:
         typer.echo(f"pr-summary: gate failed: {gate.describe(p.report.gate_level)}", err=True)
         raise typer.Exit(1)
+
+
+@app.command("spread")
+def spread_command(
+    seeds: int = typer.Option(3, "--seeds", "-k", min=2, help="Trainings (seeds) to record."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Trainings at a time."),
+    check: bool = typer.Option(
+        False, "--check", help="Only say whether metrics/spread/ is current (exit 1 if not)."
+    ),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Record the recipe's training noise: train it with K seeds and keep each one's figures
+    and test predictions in metrics/spread/ (commit them); pr-summary, diff and compare
+    then tell another seed or CPU from a real change."""
+    from stages.tools import spread
+
+    if check:
+        current, line = spread.check()
+        typer.echo(line)
+        raise typer.Exit(0 if current else 1)
+    p = _params(params_file)
+    _run(lambda: spread.run(p, seeds, jobs), "spread")
 
 
 @app.command("dvc-yaml")
@@ -274,7 +298,7 @@ def dvc_yaml(
     diff = difflib.unified_diff(text.splitlines(True), synced.splitlines(True), str(path), "code")
     typer.echo("".join(diff), nl=False)
     if check:
-        typer.echo(f"error: {path} drifted from the code; run `medpipe dvc-yaml`", err=True)
+        error(f"{path} drifted from the code; run `medpipe dvc-yaml`")
         raise typer.Exit(1)
     with atomic_path(path) as tmp:
         tmp.write_text(synced)

@@ -65,6 +65,23 @@ def audit(
     return report
 
 
+def missing_classes(report: dict, classes: list[str]) -> dict[str, list[str]]:
+    """Per split, the classes it lacks that another split has."""
+    present = {s: {c for c in classes if report[s]["class_counts"][c]} for s in SPLITS}
+    anywhere = set().union(*present.values())
+    return {s: [c for c in classes if c in anywhere - present[s]] for s in SPLITS}
+
+
+def describe_gaps(report: dict, missing: list[str]) -> str:
+    """`'normal' (12 in val, 14 in test)`: the missing classes with where they are."""
+    parts = []
+    for c in missing:
+        where = [f"{report[s]['class_counts'][c]:,} in {s}" for s in SPLITS]
+        where = [w for w in where if not w.startswith("0 ")]
+        parts.append(f"{c!r} ({', '.join(where)})")
+    return "class " + ", ".join(parts) if len(parts) == 1 else "classes " + ", ".join(parts)
+
+
 def dropped_counts(
     manifest: pd.DataFrame,
     column: pd.Series,
@@ -135,9 +152,10 @@ def run(
     before = {s: manifest[column == s] for s in SPLITS}
     empty = [s for s in SPLITS if before[s].empty]
     if empty:
+        advice = "smaller" if "train" in empty else "larger"
         raise ValueError(
-            f"split: {empty} would be empty ({len(manifest)} images); use more "
-            "data or larger split.val/split.test"
+            f"split: {empty} would be empty ({len(manifest)} images); use more data or "
+            f"{advice} split.val/split.test (now {params.val}/{params.test})"
         )
     splits = dict(before)
     splits["train"] = undersample(
@@ -167,6 +185,14 @@ def run(
             "the source's test set minus the copies of training images, use split.strategy "
             "patient to resplit, or set split.allow_duplicates: true to accept them"
         )
+    gaps = missing_classes(report, classes)
+    if gaps.get("train"):
+        raise ValueError(
+            f"split: the train split has no image of {describe_gaps(report, gaps['train'])}; "
+            f"the model could never learn it ({len(manifest):,} images of "
+            f"{manifest['patient_id'].nunique():,} patients in all). Give train more: smaller "
+            f"split.val/split.test (now {params.val}/{params.test}), or more data"
+        )
     with atomic_dir(out_dir) as tmp:  # all four files or none (a full disk keeps the old set)
         write_split_files(tmp, splits, manifest, dups, dropped)
     write_json(metrics_file, report)
@@ -180,6 +206,12 @@ def run(
             f"{drop_report['test']['n_images']:,} test image(s) that copy an earlier split "
             f"(see {out_dir / paths.DUPLICATES_NAME})"
         )
+    for s in SPLITS[1:]:
+        if gaps.get(s):
+            warn += (
+                f" WARNING: {s} has no image of {describe_gaps(report, gaps[s])}: its "
+                f"per-class figures there are undefined"
+            )
     if len(dups):
         warn += f" WARNING: {len(dups)} near-duplicate image(s) across splits (allowed)"
     return (

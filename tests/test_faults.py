@@ -33,9 +33,14 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 def medpipe(root: Path, env: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [f"{BIN}/medpipe", *args], cwd=root, env=env, capture_output=True, text=True,
-        timeout=600, **kwargs,
-    )  # fmt: skip
+        [f"{BIN}/medpipe", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
@@ -180,9 +185,13 @@ def train_project(root: Path, epochs: int) -> Path:
 
 def start_train(root: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [f"{BIN}/medpipe", "train"], cwd=root, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [f"{BIN}/medpipe", "train"],
+        cwd=root,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for(predicate, proc: subprocess.Popen, seconds: float = 300) -> None:
@@ -211,8 +220,11 @@ def test_killed_train_leaves_nothing_that_survives_the_next_run(tmp_path, subpro
     subprocess.run(["git", "init", "-q"], cwd=scratch, check=True)
     status = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=all"],
-        cwd=scratch, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        cwd=scratch,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert status.stdout.strip() == "?? .gitignore", status.stdout
     done = medpipe(root, env, "train")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -221,7 +233,7 @@ def test_killed_train_leaves_nothing_that_survives_the_next_run(tmp_path, subpro
 
 
 def test_a_second_train_in_the_same_workspace_is_refused(tmp_path, subprocess_env_module):
-    root, env = train_project(tmp_path, 60), subprocess_env_module
+    root, env = train_project(tmp_path, 25), subprocess_env_module
     first = start_train(root, env)
     lock = root / ".medpipe/locks/train.lock"
     wait_for(lambda: lock.exists() and f"pid {first.pid}" in lock.read_text(), first)
@@ -232,7 +244,7 @@ def test_a_second_train_in_the_same_workspace_is_refused(tmp_path, subprocess_en
     assert first.returncode == 0, err[-2000:]
     assert (root / "models/model.pt").exists()
     history = pd.read_csv(root / "plots/train/history.csv")
-    assert len(history) == 60  # one run's outputs, whole
+    assert len(history) == 25  # one run's outputs, whole
     assert medpipe(root, env, "train").returncode == 0  # the lock is free again
 
 
@@ -359,3 +371,219 @@ def test_empty_class_folders_and_links_leaving_the_tree_are_reported(tmp_path):
     followed = params.model_copy(update={"follow_links": True})
     line = download.run(followed, tmp_path / "raw2")
     assert "rejected" not in line and "7 images" in line
+
+
+# Round 3 ===============================================================================
+def error_lines_stand_alone(stderr: str) -> None:
+    """Every `error:` starts a line of its own (never glued to a progress bar's end)."""
+    for line in stderr.split("\n"):
+        assert "error: " not in line or line.startswith("error: "), repr(line[-300:])
+
+
+def file_size_limit(limit: int):
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+# R3.1 ----------------------------------------------------------------------------------
+def test_a_full_disk_during_train_is_one_line_and_keeps_the_model(tmp_path, subprocess_env_module):
+    root, env = train_project(tmp_path, 2), subprocess_env_module
+    done = medpipe(root, env, "train")
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = (root / "models/model.pt").read_bytes()
+    write_params(root / "params.yaml", merge(TRAIN_OVERRIDE, {"train": {"epochs": 3}}))
+    # the per-epoch resume checkpoint (weights + optimiser state) cannot be written whole
+    done = medpipe(root, env, "train", preexec_fn=file_size_limit(len(model) // 2))
+    assert one_error_line(done) == "error: models/last.pt: File too large"
+    error_lines_stand_alone(done.stderr)
+    assert (root / "models/model.pt").read_bytes() == model
+    assert list((root / "models").glob(".*.tmp")) == []
+
+
+# R3.2 ----------------------------------------------------------------------------------
+def test_predict_says_what_a_file_that_is_not_a_checkpoint_is(tmp_path, subprocess_env_module):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    (tmp_path / "notes.pt").write_text("trained on the March data\nlr 0.001\n")
+    (tmp_path / "blob.pt").write_bytes(b"\x00\x01\xfe" * 100)
+    expected = {
+        "/etc/passwd": "a text file",
+        "notes.pt": "a text file",
+        "blob.pt": "a binary file of another format",
+        "x.png": "a PNG image",
+    }
+    for model, what in expected.items():
+        done = medpipe(tmp_path, subprocess_env_module, "predict", "x.png", "--model", model)
+        line = one_error_line(done)
+        assert line.startswith(f"error: {model}: {what}, not a checkpoint"), line
+        assert "`medpipe train` writes" in line, line
+
+
+# R3.3 ----------------------------------------------------------------------------------
+def test_a_params_file_that_is_not_utf8_is_named(tmp_path, subprocess_env_module):
+    env = subprocess_env_module
+    (tmp_path / "bad.yaml").write_bytes(b"data:\n  source: synth\xe9tic\n\xff\xfe" * 20)
+    for stage in ("download", "train", "report"):
+        done = medpipe(tmp_path, env, stage, "--params", "bad.yaml")
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert "error: bad.yaml: not UTF-8 text (byte 0xe9 at offset 21)" in done.stderr
+    (tmp_path / "params.yaml").write_bytes((tmp_path / "bad.yaml").read_bytes())
+    done = medpipe(tmp_path, env, "recipe", "apply", "003-cxr-pneumonia", "-S", "data.path=.")
+    line = one_error_line(done)
+    assert line.startswith("error: params.yaml: not UTF-8 text"), line
+    assert "move it away" in line
+    assert (tmp_path / "params.yaml").read_bytes() == (tmp_path / "bad.yaml").read_bytes()
+
+
+# R3.4 ----------------------------------------------------------------------------------
+def test_comparison_tools_outside_git_say_so_and_leave_no_clone(tmp_path, subprocess_env_module):
+    import tempfile
+
+    env = subprocess_env_module
+    clones = lambda: set(Path(tempfile.gettempdir()).glob("tmp*dvc-clone"))  # noqa: E731
+    before = clones()
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    write_params(folder / "params.yaml")
+    for args in (["compare"], ["diff", "main"], ["pr-summary"]):
+        line = one_error_line(medpipe(folder, env, *args))
+        assert f"{folder}: not a git repository; `medpipe {args[0]}`" in line, line
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    subprocess.run([f"{BIN}/dvc", "init", "-q"], cwd=folder, check=True)
+    for args in (["compare"], ["diff", "main"], ["pr-summary"]):
+        line = one_error_line(medpipe(folder, env, *args))
+        assert "the git repository has no commits yet" in line, line
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@x"]
+    subprocess.run([*git, "add", "-A"], cwd=folder, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=folder, check=True)
+    line = one_error_line(medpipe(folder, env, "diff", "mian"))
+    assert line.startswith("error: 'mian': no such git revision"), line
+    assert clones() <= before
+
+
+# R3.5 ----------------------------------------------------------------------------------
+def test_a_training_split_without_a_class_is_refused(tmp_path, subprocess_env_module):
+    env = subprocess_env_module
+    greedy = {"split": {"val": 0.49, "test": 0.49, "strategy": "patient"}}
+    synthetic = {"data": {"synthetic": {"test_site": None, "seed": 0}}}  # 60 patients
+    write_params(tmp_path / "params.yaml", merge(synthetic, greedy))
+    assert medpipe(tmp_path, env, "download").returncode == 0
+    line = one_error_line(medpipe(tmp_path, env, "split"))
+    assert line.startswith("error: split: the train split has no image of class"), line
+    assert "the model could never learn it" in line and "now 0.49/0.49" in line, line
+    assert not (tmp_path / "data/split").exists()
+
+
+def test_a_val_or_test_split_without_a_class_is_a_warning_with_numbers():
+    from stages.split import describe_gaps, missing_classes
+
+    counts = {"train": {"a": 5, "b": 3}, "val": {"a": 2, "b": 0}, "test": {"a": 1, "b": 1}}
+    report = {s: {"class_counts": c} for s, c in counts.items()}
+    gaps = missing_classes(report, ["a", "b"])
+    assert gaps == {"train": [], "val": ["b"], "test": []}
+    assert describe_gaps(report, gaps["val"]) == "class 'b' (3 in train, 1 in test)"
+
+
+# R3.6 ----------------------------------------------------------------------------------
+def test_a_killed_download_leaves_nothing_a_later_run_keeps(site, tmp_path, subprocess_env_module):  # noqa: F811
+    images = {f"normal/{i}.png": png_bytes(i) for i in range(3)}
+    body = make_zip(images | {"tumor/x.png": png_bytes(9)})
+    params = url_params(site, tmp_path, body, "set.zip")
+    write_params(tmp_path / "params.yaml", {"data": params.model_dump(mode="json")})
+    cache = tmp_path / "cache"
+    site.plan["/lab/set.zip"] = ["stall"]
+    proc = subprocess.Popen(
+        [f"{BIN}/medpipe", "download"],
+        cwd=tmp_path,
+        env=subprocess_env_module,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    partial = lambda: [p for p in cache.rglob("tmp*") if p.is_file()]  # noqa: E731
+    try:
+        wait_for(lambda: site.hits["/lab/set.zip"] == 1 and partial(), proc)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(proc.communicate()[1][-2000:]) from None
+    proc.kill()
+    proc.wait(timeout=60)
+    assert partial(), "the kill left no partial download: nothing to test"
+    done = medpipe(tmp_path, subprocess_env_module, "download")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert partial() == [] and "4 images" in done.stdout
+
+
+# R3.7 ----------------------------------------------------------------------------------
+def test_predict_with_an_onnx_export_says_so(tmp_path, subprocess_env_module):
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3])  # noqa: E731
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g", [value("x")], [value("y")]
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
+    line = one_error_line(
+        medpipe(tmp_path, subprocess_env_module, "predict", "x.png", "--model", "model.onnx")
+    )
+    assert line.startswith("error: model.onnx: an ONNX export"), line
+    assert "onnxruntime.InferenceSession" in line and "could run code" not in line
+
+
+# R3.8 ----------------------------------------------------------------------------------
+def test_messages_name_the_right_thing_on_a_line_of_their_own(
+    site,  # noqa: F811
+    project,
+    tmp_path,
+    subprocess_env_module,
+):
+    env = subprocess_env_module
+    # a folder given as the params file
+    done = medpipe(tmp_path, env, "split", "--params", str(tmp_path))
+    assert done.returncode == 2
+    assert f"error: {tmp_path}: a folder, not a params file" in done.stderr
+    # recipe apply when params.yaml is a folder: named, never a temporary file
+    where = tmp_path / "recipe"
+    (where / "params.yaml").mkdir(parents=True)
+    line = one_error_line(
+        medpipe(where, env, "recipe", "apply", "003-cxr-pneumonia", "-S", "data.path=.")
+    )
+    assert line.startswith("error: params.yaml: a folder, not a params file"), line
+    assert ".tmp" not in line
+    # a plain pickle as the model: the error alone, no torch warning before it
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"w": torch.zeros(2)}, protocol=4))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
+    done = medpipe(tmp_path, env, "predict", "x.png", "--model", "plain.pkl")
+    one_error_line(done)
+    assert "Warning" not in done.stderr, done.stderr
+    # a truncated download and a full disk in preprocess, after their progress bars
+    body = make_zip({f"a/{i}.png": png_bytes(i) for i in range(2)} | {"b/x.png": png_bytes(9)})
+    params = url_params(site, tmp_path, body, "t.zip")
+    fetch_root = tmp_path / "fetch"
+    fetch_root.mkdir()
+    write_params(fetch_root / "params.yaml", {"data": params.model_dump(mode="json")})
+    site.plan["/lab/t.zip"] = ["truncate"]
+    done = medpipe(fetch_root, env, "download")
+    assert "failed after 1 attempt" in one_error_line(done)
+    error_lines_stand_alone(done.stderr)
+    done = medpipe(project, env, "preprocess", preexec_fn=file_size_limit(4096))
+    assert "File too large" in one_error_line(done)
+    assert "%|" in done.stderr  # a progress bar was drawn before the error
+    error_lines_stand_alone(done.stderr)
+
+
+def test_the_gate_says_when_the_base_has_no_metrics():
+    from stages.tools.review import Gate
+
+    assert "None" not in Gate("f1_macro", None, 0.339, 0.01).describe(0.95)
+    assert "the base has no value to compare with" in Gate("f1_macro", None, 0.339, 0.01).describe(
+        0.95
+    )
+    assert "missing here (base 0.3390)" in Gate("f1_macro", 0.339, None, 0.01).describe(0.95)

@@ -34,6 +34,7 @@ class Site:
         self.plan: dict[str, list] = {}  # path -> behaviours for the next requests
         self.hits: Counter = Counter()
         self.url = ""
+        self.release = threading.Event()  # ends "stall" transfers
 
 
 @pytest.fixture
@@ -60,6 +61,12 @@ def site():
                 self.wfile.write(body[: len(body) // 2])
                 self.close_connection = True
                 return
+            if behaviour == "stall":  # send half, then hold the connection open
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                state.release.wait(60)
+                self.close_connection = True
+                return
             self.wfile.write(body)
 
         def log_message(self, *args) -> None:  # keep pytest output clean
@@ -70,6 +77,7 @@ def site():
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield state
+    state.release.set()
     server.shutdown()
     server.server_close()
 
@@ -102,7 +110,9 @@ def medmnist_params(site, tmp_path, flag, size=28, retries=0):
 
 
 def cached_files(tmp_path) -> list[Path]:
-    return [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    """Files in the download cache, other than the lock downloads take turns on."""
+    files = (tmp_path / "cache").rglob("*")
+    return [p for p in files if p.is_file() and p.name != ".medpipe.lock"]
 
 
 @pytest.mark.parametrize(

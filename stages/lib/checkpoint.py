@@ -8,14 +8,15 @@ stages ask `meta.multilabel` or `meta.normalization(device)`, never the dict.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 CHECKPOINT_FORMAT = 1
 TASKS = ("binary", "multiclass", "multilabel")
@@ -106,8 +107,14 @@ def save_torch(path: Path, obj: Any) -> None:
     """torch.save into an open file: the archive's inner folder is then always "archive"
     (given a path, torch names it after the file, and atomic writes use random temporary
     names), so the same content gives the same bytes and the same DVC hash."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as exc:  # torch's writer wraps the OS error (a full disk, a limit)
+        cause = exc.__context__
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, cause.strerror) from None  # named by the caller
+        raise
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -122,14 +129,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     expected = "medpipe expects the model.pt that `medpipe train` writes (weights + meta)"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model checkpoint not found (run `medpipe train`)")
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
-        raise ValueError(
-            f"{path}: a TorchScript file (what `medpipe export` writes as model.ts), not a "
-            f"checkpoint; {expected}. Load TorchScript files with torch.jit.load."
-        )
+    other = _other_format(path)
+    if other:
+        raise ValueError(f"{path}: {other}, not a checkpoint; {expected}.")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing
+            warnings.simplefilter("ignore", UserWarning)
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if wanted:
             reason = f"it asks to import {wanted.group(1)}, which a weights file never needs"
@@ -152,6 +159,48 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     raise ValueError(f"{path}: a {type(blob).__name__}, not a medpipe checkpoint; {expected}")
 
 
-def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+def _other_format(path: Path) -> str | None:
+    """What the file is when it is not a PyTorch archive or pickle (None when it may be
+    one): a TorchScript or ONNX export, an image, a text file, or another format."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return (
+                "a TorchScript file (what `medpipe export` writes as model.ts; load it with "
+                "torch.jit.load)"
+            )
+        return None
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:1] == b"\x80":  # a pickle, protocol 2 or later: torch.load decides
+        return None
+    if _is_onnx(path):
+        return (
+            "an ONNX export (what `medpipe export` writes as model.onnx; run it with "
+            "onnxruntime.InferenceSession: float32 pixels 0-255 in, probabilities out)"
+        )
+    try:
+        with Image.open(path) as image:
+            return f"a {image.format} image"
+    except (OSError, ValueError):
+        pass
+    if not head:
+        return "an empty file"
+    text = head.decode("utf-8", errors="ignore")
+    if b"\0" not in head and len(text.encode()) >= len(head) - 3:  # a cut last character
+        return "a text file"
+    return "a binary file of another format"
+
+
+def _is_onnx(path: Path) -> bool:
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError:
+        return path.suffix.lower() == ".onnx"
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError):
+        return False
+    return len(model.graph.node) > 0

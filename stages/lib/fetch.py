@@ -18,6 +18,7 @@ from stages.lib import catalog
 from stages.lib.catalog import medmnist_flags, medmnist_info
 from stages.lib.errors import ToolFailed
 from stages.lib.io import atomic_dir, safe_name
+from stages.lib.locks import folder_lock
 
 CACHE_ENV = "MEDPIPE_CACHE"
 MIRROR_ENV = "MEDPIPE_MIRROR"
@@ -95,7 +96,6 @@ def fetch(url: str, known_hash: str, fname: str, cache: Path, retries: int) -> P
     a failed, interrupted or tampered download never leaves a file a rerun would trust.
     """
     import pooch
-    import requests
 
     store = pooch.create(
         path=cache,
@@ -104,6 +104,27 @@ def fetch(url: str, known_hash: str, fname: str, cache: Path, retries: int) -> P
         urls={fname: url},
         retry_if_failed=0,  # retried below: network errors only, never a wrong hash
     )
+    with folder_lock(cache):
+        remove_partial_downloads(cache)
+        return _fetch(store, url, retries)
+
+
+# pooch streams into tempfile.NamedTemporaryFile(dir=cache): "tmp" + 8 characters
+PARTIAL = re.compile(r"tmp[a-z0-9_]{8}")
+
+
+def remove_partial_downloads(cache: Path) -> None:
+    """Delete what killed downloads left in `cache` (pooch's temporary files; called under
+    the cache's lock, so no live download is writing them)."""
+    for path in cache.iterdir():
+        if PARTIAL.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def _fetch(store: Any, url: str, retries: int) -> Path:
+    import requests
+
+    fname = next(iter(store.registry))
     attempts = f"{retries + 1} attempt(s)"
     for attempt in range(retries + 1):
         try:

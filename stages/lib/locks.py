@@ -80,3 +80,29 @@ def acquire(handle: TextIO, path: Path, stage: str) -> bool:
             file=sys.stderr,
         )
         return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str = ".medpipe.lock") -> Iterator[None]:
+    """Hold `<folder>/<name>` while the block runs, waiting for another holder (two
+    downloads into one cache take turns instead of fetching the same file twice). Inside,
+    the folder's temporary files belong to no live writer: they are leftovers of a kill."""
+    if fcntl is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"note: waiting for another download into {folder}", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in NO_LOCKS:
+                raise
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)

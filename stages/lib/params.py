@@ -643,8 +643,9 @@ class ReportParams(Section):
         0.95,
         gt=0.5,
         lt=1.0,
-        description="Confidence of the paired interval: the gate fails only when the drop "
-        "exceeds gate_tolerance and this interval of the difference excludes zero.",
+        description="Level of the one-sided bounds of a difference (test noise, and test + "
+        "training noise where a spread is recorded): the gate fails only when the drop "
+        "exceeds gate_tolerance and is worse beyond both at this level.",
     )
 
 
@@ -695,20 +696,38 @@ def parse_params(raw: Any, origin: str = "params") -> Params:
 def load_params(path: Path | str = paths.PARAMS) -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ParamsError(
             f"{path}: params file not found (run from the project root or pass --params PATH)"
         )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path)
     if raw is None:  # an empty file is a mistake, not "all defaults" (dvc repro refuses it too)
         raise ParamsError(
             f"{path}: the params file is empty; expected the sections "
             f"{', '.join(Params.model_fields)} (`medpipe params` lists every key and default)"
         )
     return parse_params(raw, str(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in a params or recipe file.
+
+    Raises:
+        ParamsError: naming the file: a folder, not UTF-8 text, or not valid YAML.
+    """
+    if path.is_dir():
+        raise ParamsError(f"{path}: a folder, not a params file (give the path of a YAML file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); params files are YAML text, e.g. as `medpipe recipe apply` writes"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
 
 
 def describe_params(

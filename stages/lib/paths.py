@@ -36,6 +36,15 @@ EMBED_METRICS = METRICS / "embed.json"
 EXPLAIN_METRICS = METRICS / "explain.json"
 
 
+SPREAD = METRICS / "spread"  # `medpipe spread`: K trainings (seeds) of the recipe, git-tracked
+SPREAD_SUMMARY = SPREAD / "summary.json"
+
+
+def spread_predictions(seed: int, folder: Path = SPREAD) -> Path:
+    """One recorded training's per-image test predictions."""
+    return folder / f"seed-{seed}.csv"
+
+
 def detail_file(metrics_file: Path) -> Path:
     """Where the detail of a metrics file goes (nested tables, [lo, hi] intervals): a
     DVC-cached file that `dvc exp show` does not turn into columns."""

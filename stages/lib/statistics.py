@@ -301,23 +301,49 @@ def paired_bootstrap_difference(
     {key: {"base", "head", "difference", "ci": [lo, hi]}}; a key whose difference is
     undefined in every resample is left out.
     """
-    if probs_base.shape != probs_head.shape:
-        raise ValueError(f"probs_base {probs_base.shape} and probs_head {probs_head.shape} differ")
-    y_true = check_labels(y_true, probs_base)
-    whole = np.ones((1, len(y_true)))
-    base = summarize_weighted(y_true, probs_base, whole, keys)
-    head = summarize_weighted(y_true, probs_head, whole, keys)
-    counts = cluster_bootstrap_counts(groups, len(y_true), n_resamples, seed)
-    base_draws = resampled_metrics(y_true, probs_base, counts, keys)
-    head_draws = resampled_metrics(y_true, probs_head, counts, keys)
     result = {}
-    for k in keys:
-        ci = percentile_interval(head_draws[k] - base_draws[k], level)
+    found = paired_bootstrap_draws(
+        y_true, [probs_base], [probs_head], groups, n_resamples, seed, keys
+    )
+    for k, (base, head, draws) in found.items():
+        ci = percentile_interval(draws, level)
         if ci is not None:
-            b, h = float(base[k][0]), float(head[k][0])
+            b, h = float(base[0]), float(head[0])
             result[k] = {"base": round(b, 4), "head": round(h, 4), "difference": round(h - b, 4)}
             result[k]["ci"] = ci
     return result
+
+
+def paired_bootstrap_draws(
+    y_true: np.ndarray,
+    base_members: list[np.ndarray],
+    head_members: list[np.ndarray],
+    groups: np.ndarray | None,
+    n_resamples: int,
+    seed: int,
+    keys: tuple[str, ...] = SUMMARY_KEYS,
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Several trainings a side (seeds), scored on the same test images and resamples.
+
+    Returns {key: (base values, head values, draws)}: each training's figure on the whole
+    test set, and per resample the head trainings' mean minus the base trainings' mean
+    (NaN where undefined). With one training a side the draws are the paired difference.
+    """
+    shapes = {p.shape for p in [*base_members, *head_members]}
+    if len(shapes) != 1:
+        raise ValueError(f"the trainings' probabilities differ in shape: {sorted(shapes)}")
+    y_true = check_labels(y_true, base_members[0])
+    whole = np.ones((1, len(y_true)))
+    counts = cluster_bootstrap_counts(groups, len(y_true), n_resamples, seed)
+    values, means = {}, {}
+    for side, members in (("base", base_members), ("head", head_members)):
+        full = [summarize_weighted(y_true, p, whole, keys) for p in members]
+        draws = [resampled_metrics(y_true, p, counts, keys) for p in members]
+        values[side] = {k: np.array([float(f[k][0]) for f in full]) for k in keys}
+        means[side] = {k: np.mean([d[k] for d in draws], axis=0) for k in keys}
+    return {
+        k: (values["base"][k], values["head"][k], means["head"][k] - means["base"][k]) for k in keys
+    }
 
 
 # --- tests of two correlated classifiers --------------------------------------------------

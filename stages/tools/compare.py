@@ -21,6 +21,8 @@ import plotly.graph_objects as go
 import yaml
 from scipy import stats
 
+from stages.lib import noise
+from stages.lib.gitrepo import require_revisions
 from stages.lib.io import atomic_path
 from stages.lib.page import Page, render, table
 
@@ -45,6 +47,7 @@ def load_experiments(
     first-parent commits), as `dvc exp show --rev/-n/--all-commits` choose them."""
     import dvc.api
 
+    require_revisions(Path(repo), list(revs or []), "compare")
     found = dvc.api.exp_show(repo=str(repo), revs=revs or None, num=num)
     rows = [r for r in found if r.get("State") != "Queued"]
     if not rows:
@@ -125,12 +128,14 @@ def seed_column(params: list[str]) -> str | None:
     return next((c for c in params if c in SEED_PARAMS), None)
 
 
-def verdict(rank: int, p_value: float) -> str:
+def verdict(rank: int, interval: list[float] | None) -> str:
+    """The setting against the best one, in `stages.lib.noise`'s words (training noise only:
+    experiments carry no paired test resampling here; `medpipe diff` adds it)."""
     if rank == 0:
         return "best"
-    if np.isnan(p_value):
-        return "not tested (one seed)"
-    return "worse beyond seed noise" if p_value < 0.05 else "within seed noise"
+    if interval is None:
+        return "not judged (one seed)"
+    return noise.WITHIN_TRAINING if interval[0] <= 0 <= interval[1] else noise.WORSE_TRAINING_ONLY
 
 
 def mean_interval(runs: np.ndarray) -> tuple[float, float, float]:
@@ -144,8 +149,9 @@ def mean_interval(runs: np.ndarray) -> tuple[float, float, float]:
 
 def seed_summary(frame: pd.DataFrame, params: list[str], metric_col: str) -> pd.DataFrame | None:
     """Runs that differ only in train.seed, as one setting: seeds, mean, sd and a 95%
-    t-interval of the mean per setting, and whether the setting differs from the best one
-    beyond seed noise (Welch's t-test, p < 0.05). None when no seed varies."""
+    t-interval of the mean per setting, and the 95% interval of its difference to the best
+    setting from the pooled seed spread (`noise.training_interval`, the rule `medpipe diff`
+    and `pr-summary` use), with the verdict. None when no seed varies."""
     seed = seed_column(params)
     if seed is None:
         return None
@@ -165,13 +171,13 @@ def seed_summary(frame: pd.DataFrame, params: list[str], metric_col: str) -> pd.
     summary = pd.DataFrame(rows).sort_values("mean", ascending=False, ignore_index=True)
     best_name = summary.loc[0, "setting"]
     best = groups[best_name]
-    summary["p_vs_best"] = [
-        float(stats.ttest_ind(groups[s], best, equal_var=False).pvalue)
-        if s != best_name and len(groups[s]) > 1 and len(best) > 1
-        else float("nan")
+    intervals = [
+        noise.training_interval(best, groups[s])[3] if s != best_name else None
         for s in summary["setting"]
     ]
-    summary["verdict"] = [verdict(i, p) for i, p in enumerate(summary["p_vs_best"])]
+    summary["vs_best_low"] = [i[0] if i else float("nan") for i in intervals]
+    summary["vs_best_high"] = [i[1] if i else float("nan") for i in intervals]
+    summary["verdict"] = [verdict(i, ci) for i, ci in enumerate(intervals)]
     summary.attrs["settings"] = ", ".join(settings) or "(none)"
     return summary
 
@@ -223,8 +229,10 @@ def seed_section(page: Page, seeds: pd.DataFrame, metric: str) -> None:
     page.add(
         "<p>Runs that differ only in train.seed are one setting "
         f"({html.escape(seeds.attrs['settings'])}). Interval: 95% t-interval of the mean over "
-        "seeds; p: Welch's t-test against the best setting. A setting is worse only when "
-        "p &lt; 0.05: otherwise its difference is the size of the noise between seeds.</p>"
+        "seeds; vs_best: 95% interval of the difference to the best setting from the pooled "
+        "seed spread. A setting is worse only when that interval excludes zero: otherwise "
+        "its difference is the size of the training noise. Test-sampling noise is not "
+        "assessed here: <code>medpipe diff</code> adds it for two runs.</p>"
     )
     page.add(table(seeds.round(4).astype(object).fillna("—")))  # no p for the best
 

@@ -1,12 +1,15 @@
-"""`medpipe diff BASE [HEAD]`: two runs compared on the same test images, with uncertainty.
+"""`medpipe diff BASE [HEAD]`: two runs compared on the same test images, with both noises.
 
 Each run's per-image predictions (`plots/evaluate/predictions.csv`, git-tracked) are read
-at its revision (HEAD defaults to the workspace). On the same images with the same labels
-the runs are *paired*: every headline metric gets the difference head - base with a paired
-patient-level bootstrap interval (both runs scored on the same resamples), accuracy gets
-McNemar's exact test and ROC-AUC DeLong's test. A difference is "better" or "worse" only
-when its interval excludes zero, else "within noise". Other test sets are not paired: the
-figures are shown side by side and the reason is given.
+at its revision (HEAD defaults to the workspace); where a revision recorded the spread of
+its recipe (`medpipe spread`: K trainings, `metrics/spread/`), all K trainings stand for
+that side. On the same images with the same labels the runs are *paired*: every headline
+metric gets the difference head - base with a paired patient-level bootstrap interval
+(test-sampling noise) and, where a spread is recorded, an interval that adds the
+seed-to-seed spread (training noise). The verdict says which noise explains the difference
+or that it is beyond both (`stages.lib.noise`, the same rule as pr-summary and compare).
+Accuracy gets McNemar's exact test and ROC-AUC DeLong's test (first training of each side).
+Other test sets are not paired: the figures are shown side by side and the reason given.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib import metrics, paths, statistics
+from stages.lib import metrics, noise, paths, spread, statistics
 from stages.lib.errors import ToolFailed
+from stages.lib.gitrepo import require_revisions
 from stages.lib.io import read_csv
 
 KEYS = metrics.SUMMARY_KEYS
@@ -29,7 +33,7 @@ DEFAULT_RESAMPLES = 1000  # when evaluate.bootstrap is 0 (no intervals in evalua
 
 @dataclass
 class Comparison:
-    """Head against base: per metric base, head, difference, interval, verdict, test."""
+    """Head against base: per metric base, head, difference, intervals, verdict, test."""
 
     paired: bool
     reason: str  # why the runs are not paired ("" when they are)
@@ -37,6 +41,41 @@ class Comparison:
     unit: str = "image"  # what the bootstrap resampled
     n_images: int = 0
     rows: dict[str, dict] = field(default_factory=dict)
+    k_base: int = 1  # trainings standing for each side (a recorded spread: K seeds)
+    k_head: int = 1
+    spread_notes: list[str] = field(default_factory=list)  # why a side has no spread
+
+    @property
+    def training_measured(self) -> bool:
+        return self.k_base + self.k_head > 2
+
+
+@dataclass
+class Side:
+    """One side of a comparison: its trainings' predictions and where they come from."""
+
+    runs: list[pd.DataFrame]
+    label: str  # "main (3 seeds)", "the workspace"
+    note: str = ""  # why no spread counts for this side ("" when one does)
+
+
+def load_side(repo: Path, rev: str | None, name: str) -> Side | None:
+    """The recorded spread at `rev` (None: the workspace) when it matches that revision's
+    recipe, else its single run; None when it has no predictions at all."""
+    recorded, note = spread.load(repo, rev, name)
+    single = read_predictions(repo, rev)
+    if single is None:
+        return None
+    if recorded is not None:
+        own = recorded.member_like(single)
+        if own is not None:  # the side's own run first (McNemar and DeLong compare those)
+            others = [recorded.predictions[s] for s in sorted(recorded.predictions) if s != own]
+            return Side([single, *others], f"{name} ({recorded.k} seeds)")
+        note = (
+            f"the spread in {name} does not include {name}'s own run (recorded on another "
+            "revision, or before its last `dvc repro`): not used"
+        )
+    return Side([single], name, note)
 
     def verdict(self, key: str) -> str:
         return self.rows.get(key, {}).get("verdict", "not compared")
@@ -103,36 +142,56 @@ def label_indices(labels: pd.Series, classes: list[str]) -> np.ndarray:
     return labels.map(lookup).to_numpy()
 
 
-def verdict(ci: list[float]) -> str:
-    return "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "within noise"
-
-
 def compare(
-    base: pd.DataFrame, head: pd.DataFrame, n_resamples: int, seed: int, level: float = 0.95
+    base: pd.DataFrame | list[pd.DataFrame],
+    head: pd.DataFrame | list[pd.DataFrame],
+    n_resamples: int,
+    seed: int,
+    level: float = 0.95,
 ) -> Comparison:
-    """Head against base, paired when they scored the same test images."""
-    reason = why_not_paired(base, head)
+    """Head against base, paired when they scored the same test images; each side one run
+    or the K trainings of its recorded spread."""
+    base = base if isinstance(base, list) else [base]
+    head = head if isinstance(head, list) else [head]
+    reason = why_not_paired(base[0], head[0])
     if reason:
-        return unpaired(base, head, reason, level)
-    head = head.set_index("image").loc[base["image"]].reset_index()  # base's row order
-    columns = prob_columns(base)
-    y, probs_base, patients = arrays(base, columns)
-    probs_head = head[columns].to_numpy(dtype=np.float64)
+        return unpaired(base[0], head[0], reason, level)
+    order = base[0]["image"]
+    columns = prob_columns(base[0])
+    y, _, patients = arrays(base[0], columns)
+
+    def probs(frame: pd.DataFrame) -> np.ndarray:
+        return frame.set_index("image").loc[order, columns].to_numpy(dtype=np.float64)
+
     groups = statistics.patient_groups(patients)
-    rows = statistics.paired_bootstrap_difference(
-        y, probs_base, probs_head, groups, n_resamples or DEFAULT_RESAMPLES, seed, KEYS, level
-    )
-    for row in rows.values():
-        row["verdict"] = verdict(row["ci"])
-    correct = (probs_base.argmax(1) == y), (probs_head.argmax(1) == y)
+    found = statistics.paired_bootstrap_draws(
+        y, [probs(f) for f in base], [probs(f) for f in head], groups,
+        n_resamples or DEFAULT_RESAMPLES, seed, KEYS,
+    )  # fmt: skip
+    rows = {}
+    for key, (base_values, head_values, draws) in found.items():
+        judged = noise.judge(base_values, head_values, draws, level)
+        if judged.test_ci is None:  # undefined in every resample
+            continue
+        rows[key] = {
+            "base": round(float(base_values.mean()), 4),
+            "head": round(float(head_values.mean()), 4),
+            "difference": round(judged.difference, 4),
+            "test_ci": judged.test_ci,
+            "ci": judged.ci,
+            "training_sd": judged.training_sd,
+            "verdict": judged.label,
+        }
+    first = probs(base[0]), probs(head[0])
+    correct = (first[0].argmax(1) == y), (first[1].argmax(1) == y)
     mcnemar = statistics.mcnemar_exact(*correct)
     if "accuracy" in rows:
         discordant = f"{mcnemar.b} vs {mcnemar.c} images right in one run only"
         rows["accuracy"]["test"] = f"McNemar exact p={mcnemar.p_value:.3g} ({discordant})"
     if "roc_auc" in rows:
-        rows["roc_auc"]["test"] = delong_text(y, probs_base, probs_head)
+        rows["roc_auc"]["test"] = delong_text(y, *first)
     unit = statistics.resampling_unit(groups)
-    return Comparison(True, "", level, unit, len(y), rows)
+    return Comparison(True, "", level, unit, len(y), rows, len(base), len(head))
 
 
 def delong_text(y: np.ndarray, probs_base: np.ndarray, probs_head: np.ndarray) -> str:
@@ -172,33 +231,62 @@ def markdown(comparison: Comparison, base: str, head: str) -> str:
         return f"_no per-image predictions to compare ({comparison.reason})_\n"
     pct = f"{comparison.level:.0%}"
     lines = [
-        f"| metric | {base} | {head} | difference | {pct} interval | verdict | test |",
-        "| --- | ---: | ---: | ---: | --- | --- | --- |",
+        f"| metric | {base} | {head} | difference | test noise | test + training noise | "
+        "verdict | test |",
+        "| --- | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for key, row in comparison.rows.items():
-        ci = "[{:+.4f}, {:+.4f}]".format(*row["ci"]) if "ci" in row else ""
+        test = "[{:+.4f}, {:+.4f}]".format(*row["test_ci"]) if row.get("test_ci") else ""
+        both = (
+            "[{:+.4f}, {:+.4f}]".format(*row["ci"])
+            if row.get("training_sd") is not None
+            else ("not recorded" if comparison.paired else "")
+        )
         lines.append(
             f"| {key} | {row['base']:.4f} | {row['head']:.4f} | {row['difference']:+.4f} | "
-            f"{ci} | {row['verdict']} | {row.get('test', '')} |"
+            f"{test} | {both} | {row['verdict']} | {row.get('test', '')} |"
         )
-    if comparison.paired:
-        how = (
-            f"Paired on the same {comparison.n_images:,} test images; intervals from a paired "
-            f"bootstrap resampling {comparison.unit}s."
+    if not comparison.paired:
+        how = f"Not paired: {comparison.reason}. The figures are side by side, no interval."
+        return "\n".join(lines) + f"\n\n{how}\n"
+    how = (
+        f"Paired on the same {comparison.n_images:,} test images; test noise from a paired "
+        f"bootstrap resampling {comparison.unit}s. Intervals are one-sided {pct} bounds "
+        "(worse: the upper bound is below zero; better: the lower bound above)."
+    )
+    if comparison.training_measured:
+        how += (
+            f" Training noise from the seed-to-seed spread ({comparison.k_base} training(s) "
+            f"of the base, {comparison.k_head} of the head; `medpipe spread`)."
         )
     else:
-        how = f"Not paired: {comparison.reason}. The figures are side by side, no interval."
-    return "\n".join(lines) + f"\n\n{how}\n"
+        how += " " + NO_SPREAD
+    notes = "".join(f"\n- {n}" for n in comparison.spread_notes)
+    return "\n".join(lines) + f"\n\n{how}\n{notes}\n"
+
+
+NO_SPREAD = (
+    "**Training noise is not recorded**, so a difference beyond test noise may still be "
+    "another seed or another CPU: record it on the base (`medpipe spread --seeds 3` on main, "
+    "then commit `metrics/spread/`)."
+)
 
 
 def run(base: str, head: str | None, n_resamples: int, seed: int, level: float, repo: Path) -> str:
-    before = read_predictions(repo, base)
-    after = read_predictions(repo, head)
+    require_revisions(repo, [base] + ([head] if head else []), "diff")
     head_name = head or "workspace"
+    before = load_side(repo, base, base)
+    after = load_side(repo, head, head_name)
     if before is None or after is None:
         missing = base if before is None else head_name
         raise FileNotFoundError(
             f"{paths.PREDICTIONS} is not in {missing} (run `medpipe evaluate`, commit it)"
         )
-    comparison = compare(before, after, n_resamples, seed, level)
-    return markdown(comparison, base, head_name)
+    comparison = judge_sides(before, after, n_resamples, seed, level)
+    return markdown(comparison, before.label, after.label)
+
+
+def judge_sides(before: Side, after: Side, n_resamples: int, seed: int, level: float):
+    comparison = compare(before.runs, after.runs, n_resamples, seed, level)
+    comparison.spread_notes = [n for n in (before.note, after.note) if n]
+    return comparison

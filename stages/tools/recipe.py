@@ -22,7 +22,7 @@ import yaml
 
 from stages.lib import paths
 from stages.lib.io import atomic_path
-from stages.lib.params import Params, ParamsError, parse_params
+from stages.lib.params import Params, ParamsError, parse_params, read_yaml
 
 REQUIRES_KINDS = ("file", "folder", "value")
 
@@ -185,14 +185,13 @@ def apply(name: str, sets: list[str], params_file: Path = paths.PARAMS) -> str:
     recipe = load_recipe(name)
     given = parse_sets(sets)
     current: dict = {}
-    if params_file.is_file():
+    if params_file.exists():
         try:
-            current = yaml.safe_load(params_file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(
-                f"{params_file}: not valid YAML ({exc}); fix it or move it away, then apply "
-                "the recipe again"
-            ) from None
+            current = read_yaml(params_file) or {}
+        except ParamsError as exc:
+            raise ValueError(f"{exc}; fix it or move it away, then apply the recipe") from None
+        if not isinstance(current, dict):
+            current = {}
     values = _merge(Params().model_dump(mode="json"), recipe.overlay)
     kept = []
     for req in recipe.requires:  # the user's data location survives switching recipes

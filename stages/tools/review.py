@@ -1,10 +1,12 @@
 """`medpipe pr-summary`: Markdown for a pull request and a gate that fails only on a real drop.
 
-The gate metric is compared paired, on the same test images (`medpipe diff`): the check
-fails when the drop is larger than `report.gate_tolerance` *and* the paired interval of the
-difference (level `report.gate_level`) excludes zero. Where the runs cannot be paired (no
-per-image predictions at the base, other test images) it falls back to the drop alone and
-says so. Hardware figures (timings, latency) are listed apart, never gated.
+The gate metric is compared paired, on the same test images, the way `medpipe diff` does:
+against main's recorded spread (`medpipe spread`: K trainings of its recipe) when there is
+one. The check fails only when the drop is larger than `report.gate_tolerance` *and*
+beyond both test-sampling noise and training noise at `report.gate_level`
+(`stages.lib.noise`). Without a recorded spread the gate cannot tell another seed or CPU
+from a change: it says so, says how to record one, and passes. Hardware figures (timings,
+latency) are listed apart, never gated.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import paths
+from stages.lib import noise, paths
 from stages.lib.errors import ToolFailed
+from stages.lib.gitrepo import require_revisions
 from stages.lib.io import read_json
 from stages.lib.params import EvaluateParams, ReportParams
 from stages.tools import diff
@@ -32,34 +35,64 @@ HARDWARE = (
 
 @dataclass(frozen=True)
 class Gate:
-    """The verdict on one metric: old and new values, the paired interval of the
-    difference when there is one, and whether the drop is tolerated."""
+    """The verdict on one metric: old and new values (means over recorded trainings), the
+    intervals of the difference, the noise verdict, and whether the drop is tolerated."""
 
     metric: str
     old: float | None
     new: float | None
     tolerance: float
-    ci: list[float] | None = None  # paired interval of new - old
+    ci: list[float] | None = None  # test + training noise (test noise alone without spread)
+    verdict: str = noise.NOT_JUDGED
+    test_ci: list[float] | None = None
+    training_sd: float | None = None
 
     @property
     def passed(self) -> bool:
         if self.old is None or self.new is None:
             return self.new is not None  # a new metric passes; a vanished one fails
         dropped = self.new < self.old - self.tolerance
-        if self.ci is None:  # not paired: the drop alone decides
-            return not dropped
-        return not (dropped and self.ci[1] < 0)  # beyond the tolerance and beyond noise
+        return not (dropped and self.verdict == noise.WORSE)  # beyond tolerance and both noises
+
+    @property
+    def undecided(self) -> bool:
+        """A drop beyond the tolerance that the gate cannot attribute (a noise not measured)."""
+        if self.old is None or self.new is None:
+            return False
+        dropped = self.new < self.old - self.tolerance
+        explained = (noise.WORSE, noise.WITHIN_TEST, noise.WITHIN_TRAINING)
+        return dropped and self.verdict not in explained
 
     def describe(self, level: float) -> str:
-        if self.old is None or self.new is None:
-            return f"**{self.metric}**: {self.old} → {self.new}"
-        text = f"**{self.metric}**: {self.old} → {self.new} ({self.new - self.old:+.4f}"
-        if self.ci is not None:
-            noise = "beyond noise" if self.ci[0] > 0 or self.ci[1] < 0 else "within noise"
-            text += f", {level:.0%} paired interval [{self.ci[0]:+.4f}, {self.ci[1]:+.4f}]: {noise}"
-        else:
-            text += ", not paired"
-        return text + f"; tolerance {self.tolerance})"
+        if self.old is None and self.new is None:
+            return f"**{self.metric}**: in neither run (run `medpipe evaluate` and commit metrics/)"
+        if self.old is None:
+            return (
+                f"**{self.metric}**: {self.new:.4f}; the base has no value to compare with "
+                "(its metrics were never committed): passes"
+            )
+        if self.new is None:
+            return (
+                f"**{self.metric}**: missing here (base {self.old:.4f}); run the pipeline "
+                "(`dvc repro`) and commit its metrics"
+            )
+        text = f"**{self.metric}**: {self.old:.4f} → {self.new:.4f} ({self.new - self.old:+.4f}"
+        if self.test_ci is not None:
+            text += f"; one-sided {level:.0%} bounds: "
+            text += "test noise [{:+.4f}, {:+.4f}]".format(*self.test_ci)
+        if self.training_sd is not None and self.ci is not None:
+            text += ", with training noise (seed sd {:.4f}) [{:+.4f}, {:+.4f}]".format(
+                self.training_sd, *self.ci
+            )
+        text += f": {self.verdict}; tolerance {self.tolerance})"
+        if self.undecided:
+            text += (
+                ". ⚠️ The gate cannot separate training noise from a change here: record the "
+                "base's spread (`medpipe spread --seeds 3` on main, commit `metrics/spread/`)"
+                if self.training_sd is None
+                else ". ⚠️ Test noise was not assessed (no paired per-image predictions)"
+            )
+        return text
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -87,8 +120,9 @@ def check_gate(
         row = paired.rows.get(key)
         if row is not None:
             return Gate(
-                params.gate_metric, row["base"], row["head"], params.gate_tolerance, row["ci"]
-            )
+                params.gate_metric, row["base"], row["head"], params.gate_tolerance,
+                row["ci"], row["verdict"], row["test_ci"], row["training_sd"],
+            )  # fmt: skip
     entry = diff_json.get(file, {}).get(key)
     if entry is not None:
         return Gate(params.gate_metric, entry.get("old"), entry.get("new"), params.gate_tolerance)
@@ -115,13 +149,14 @@ def hardware_table(repo: Path) -> str:
 
 def paired_comparison(repo: Path, base: str, evaluate: EvaluateParams, level: float):
     """`medpipe diff base` of the workspace, or None with the reason when it cannot run."""
-    before = diff.read_predictions(repo, base)
-    after = diff.read_predictions(repo, None)
+    before = diff.load_side(repo, base, base)
+    after = diff.load_side(repo, None, "this branch")
     if before is None or after is None:
         where = base if before is None else "the workspace"
-        return None, f"no per-image predictions ({paths.PREDICTIONS}) in {where}"
-    comparison = diff.compare(before, after, evaluate.bootstrap, evaluate.seed, level)
-    return comparison, comparison.reason
+        reason = f"no per-image predictions ({paths.PREDICTIONS}) in {where}"
+        return None, reason, base, "this branch"
+    comparison = diff.judge_sides(before, after, evaluate.bootstrap, evaluate.seed, level)
+    return comparison, comparison.reason, before.label, after.label
 
 
 def summarize(
@@ -129,7 +164,10 @@ def summarize(
 ) -> tuple[str, Gate]:
     """Markdown for the pull request and the gate verdict."""
     evaluate = evaluate or EvaluateParams()
-    comparison, reason = paired_comparison(repo, base, evaluate, params.gate_level)
+    require_revisions(repo, [base], "pr-summary")
+    comparison, reason, base_label, head_label = paired_comparison(
+        repo, base, evaluate, params.gate_level
+    )
     metrics_md = dvc(repo, "metrics", "diff", base, "--md") or "_no metric changed_\n"
     params_md = dvc(repo, "params", "diff", base, "--md") or "_no param changed_\n"
     diff_json = json.loads(dvc(repo, "metrics", "diff", base, "--json") or "{}")
@@ -137,11 +175,11 @@ def summarize(
     current_path = repo / file
     current = json.loads(current_path.read_text()) if current_path.is_file() else {}
     gate = check_gate(diff_json, params, current, comparison)
-    icon = "✅" if gate.passed else "❌"
+    icon = "❌" if not gate.passed else "⚠️" if gate.undecided else "✅"
     results = (
-        diff.markdown(comparison, base, "this branch")
+        diff.markdown(comparison, base_label, head_label)
         if comparison is not None
-        else f"_not compared: {reason}; the gate judges the drop alone_\n"
+        else f"_not compared: {reason}; neither noise can be assessed_\n"
     )
     markdown = (
         f"## medpipe: results against `{base}`\n\n{icon} {gate.describe(params.gate_level)}\n\n"
