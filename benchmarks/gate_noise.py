@@ -199,8 +199,11 @@ def detectable_drop(setup: str, k: int, level: float) -> tuple[float, float, flo
     )
     sd = float(np.std(values, ddof=1))
     frames = [runs[s] for s in sorted(runs)[: k + 1]]
+    base = min(k, len(frames) - 1)  # the last one is the head
     y, probs, groups = arrays(frames)
-    found = statistics.paired_bootstrap_draws(y, probs[:k], probs[k:], groups, 200, 0, (METRIC,))
+    found = statistics.paired_bootstrap_draws(
+        y, probs[:base], probs[base:], groups, 200, 0, (METRIC,)
+    )
     test_sd = float(np.nanstd(found[METRIC][2], ddof=1))
     train_var = sd**2 * (1 / k + 1)
     total = train_var + test_sd**2
