@@ -241,7 +241,8 @@ def pr_summary(
     params_file: Path = ParamsOption,
 ) -> None:
     """Markdown for a pull request: paired results, metrics and params diffs against BASE;
-    exit 1 if report.gate_metric drops beyond report.gate_tolerance and beyond noise."""
+    exit 1 if report.gate_metric drops beyond report.gate_tolerance and beyond both test and
+    training noise (the latter from BASE's `medpipe spread`)."""
     from stages.tools import review
 
     p = _params(params_file)

@@ -224,7 +224,7 @@ def experiment_table(frame: pd.DataFrame, params: list[str], metrics: list[str])
 
 def seed_section(page: Page, seeds: pd.DataFrame, metric: str) -> None:
     """Mean, sd and interval across seeds per setting; which settings differ from the best
-    beyond seed noise."""
+    beyond training noise."""
     page.section("seeds", f"{metric} across seeds")
     page.add(
         "<p>Runs that differ only in train.seed are one setting "
