@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +31,8 @@ from stages.lib.errors import ToolFailed
 from stages.lib.io import atomic_dir, read_csv, read_json, write_csv, write_json
 from stages.lib.metrics import SUMMARY_KEYS
 from stages.lib.params import Params
+
+LOSS_LOG = paths.LIVE_PLOTS / "metrics" / "train" / "loss.tsv"  # one line per epoch
 
 
 def workspace_is_current(repo: Path) -> bool:
@@ -123,12 +125,29 @@ def run(params: Params, seeds: int, jobs: int, repo: Path = Path(".")) -> str:
             mine = cores[(i % jobs) * per_job : (i % jobs + 1) * per_job] if jobs > 1 else None
             return seed, train_one(seed, full, repo, Path(tmp) / f"seed-{seed}", mine)
 
+        epochs = params.train.epochs
+        bar = tqdm(total=len(todo) * epochs, desc="spread: epochs trained", unit="epoch")
+        done: set[int] = set()
+
+        def progress() -> int:  # epochs logged by the running trainings (DVCLive's files)
+            logged = 0
+            for seed in todo:
+                log = Path(tmp) / f"seed-{seed}" / LOSS_LOG
+                lines = log.read_text().count("\n") - 1 if log.is_file() else 0
+                logged += epochs if seed in done else max(0, min(lines, epochs))
+            return logged
+
         with ThreadPoolExecutor(jobs) as pool:
-            bar = tqdm(total=len(todo), desc="spread: seeds trained", unit="seed")
-            for seed, work in pool.map(one, enumerate(todo)):
-                rows[seed], kept[seed] = figures(work, seed), predictions(work)
-                bar.update()
-            bar.close()
+            futures = {pool.submit(one, item): item[1] for item in enumerate(todo)}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=2, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    seed, work = future.result()
+                    rows[seed], kept[seed] = figures(work, seed), predictions(work)
+                    done.add(seed)
+                bar.update(progress() - bar.n)
+        bar.close()
         order = sorted(rows)
         trained = sum(r.get("train_seconds") or 0 for r in rows.values())
         record = spread.summary(spread.recipe_of(full), [rows[s] for s in order], trained)
