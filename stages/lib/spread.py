@@ -36,11 +36,12 @@ def recipe_of(params: dict[str, Any]) -> dict[str, Any]:
     return recipe
 
 
-def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested params mapping as {dotted key: value} (also `recipe apply`'s change list)."""
     out = {}
-    for key, value in values.items():
+    for key, value in tree.items():
         if isinstance(value, dict):
-            out |= flat(value, f"{prefix}{key}.")
+            out |= flat_keys(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -48,7 +49,7 @@ def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def stale_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted params keys whose values differ between two recipes."""
-    a, b = flat(recorded), flat(recipe_of(current))
+    a, b = flat_keys(recorded), flat_keys(recipe_of(current))
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 

@@ -23,6 +23,7 @@ import yaml
 from stages.lib import paths
 from stages.lib.io import atomic_path
 from stages.lib.params import Params, ParamsError, parse_params, read_yaml
+from stages.lib.spread import flat_keys
 
 REQUIRES_KINDS = ("file", "folder", "value")
 
@@ -144,16 +145,6 @@ def _set(tree: dict, key: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def missing_requirements(recipe: Recipe, values: dict, base: Path) -> list[str]:
     """One line per required key that is unset or names a path that does not exist; the
     paths that exist are written back absolute (`~` expanded, relative to `base`), so
@@ -215,7 +206,7 @@ def apply(name: str, sets: list[str], params_file: Path = paths.PARAMS) -> str:
     full = params.model_dump(mode="json")
     with atomic_path(params_file) as tmp:
         tmp.write_text(yaml.safe_dump(full, sort_keys=False, default_flow_style=None))
-    before, after = _flat(current), _flat(full)
+    before, after = flat_keys(current), flat_keys(full)
     changed = sorted(k for k in after if before.get(k) != after[k]) if current else list(after)
     kept_text = f"; kept {', '.join(kept)} from {params_file}" if kept else ""
     return (
