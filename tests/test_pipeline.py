@@ -189,7 +189,7 @@ def test_pull_request_with_another_seed_passes_the_gate(repo, env):
     sh(repo, env, "dvc", "exp", "run", "-S", "train.seed=1")
     out = sh(repo, env, "medpipe", "pr-summary", "--base", "main")
     assert out.startswith("## medpipe: results against `main`")
-    assert "✅ **f1_macro**" in out and "paired interval" in out
+    assert "✅ **f1_macro**" in out and "one-sided 95% bounds: test noise" in out
     assert "Paired on the same" in out and "| f1_macro |" in out
     assert "### Hardware-dependent figures" in out
 
