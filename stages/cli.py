@@ -79,6 +79,9 @@ def _run(step: Callable[[], str], stage: str | None = None) -> None:
     except OSError as exc:
         error(describe(exc))
         raise typer.Exit(1) from None
+    except ParamsError as exc:  # a params or search-space file the schema refuses
+        error(str(exc))
+        raise typer.Exit(2) from None
     except (ValueError, MedpipeError) as exc:
         error(str(exc))
         raise typer.Exit(1) from None
@@ -277,6 +280,35 @@ def spread_command(
         raise typer.Exit(0 if current else 1)
     p = _params(params_file)
     _run(lambda: spread.run(p, seeds, jobs), "spread")
+
+
+@app.command("tune")
+def tune_command(
+    space: Path = typer.Argument(..., help="Search-space YAML (study, metric, trials, space)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Trials at a time, each on its cores."),
+    storage: str = typer.Option(
+        None,
+        "--storage",
+        help="Where the study lives: a journal file (shared folder: several machines) or a "
+        "database URL. Default .medpipe/tune/<study>.journal.",
+    ),
+    no_confirm: bool = typer.Option(
+        False, "--no-confirm", help="Only run trials (a worker joining another's search)."
+    ),
+    apply: bool = typer.Option(
+        False, "--apply", help="Write the confirmed setting into params.yaml; train nothing."
+    ),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Hyperparameter search: sampled trials as DVC experiments, pruned early when hopeless,
+    the best settings confirmed over seeds; metrics/tune/<study>.json and
+    reports/tune-<study>.html. Run again to resume."""
+    from stages.tools import tune
+
+    if apply:
+        _run(lambda: tune.apply(space, params_file))
+    else:
+        _run(lambda: tune.run(space, jobs, storage, not no_confirm, params_file), "tune")
 
 
 @app.command("dvc-yaml")

@@ -32,6 +32,7 @@ from stages.lib.models import (
 from stages.lib.params import AugmentParams, ModelParams, TrainParams
 from stages.lib.runtime import DistInfo
 from stages.lib.training import fit, load_split, open_live, validate
+from stages.lib.tuning import TrialLink
 
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
 # metrics/train.json; the timings (hardware figures) go to metrics/detail/train.json
@@ -99,6 +100,7 @@ def write_summary(
     `dvc exp show` follows a run live; the last write is the run's summary."""
     summary = summarize(history, params, info, time.perf_counter() - start) | (extra or {})
     keys = (*HEADLINE, f"best_{params.monitor}", "members", f"ensemble_{params.monitor}")
+    keys += ("pruned_after_epoch",)
     write_result(metrics_file, summary, keys)
     return summary
 
@@ -151,6 +153,9 @@ def fit_members(
         )  # fmt: skip
         rows = [r | {"member": k} for r in rows]
         states.append(state)
+        if getattr(on_epoch, "stopped", None):  # pruned: no further members
+            history += rows
+            break
         history += rows
         done = [*done, {"state": state, "history": rows}]
         if info.is_main:  # the finished members survive a kill of the next one
@@ -172,6 +177,25 @@ def assemble(states: list[dict], model: torch.nn.Module, meta: ModelMeta) -> tor
         member.load_state_dict(state)
         members.append(member)
     return Ensemble(members, meta.multilabel)
+
+
+class EpochHook:
+    """After every epoch (rank 0): the live summary, and in a search (`medpipe tune`) the
+    epoch's validation value to the pruner; its message when the trial is pruned."""
+
+    def __init__(self, write, link: TrialLink | None) -> None:
+        self.write, self.link, self.stopped = write, link, None
+        self.pruned_after: int | None = None
+
+    def __call__(self, rows: list[dict]) -> str | None:
+        if self.link is not None and self.stopped is None:
+            self.stopped = self.link.report(rows)
+            self.pruned_after = len(rows) if self.stopped else None
+        self.write(rows, self.extra())
+        return self.stopped
+
+    def extra(self) -> dict:
+        return {"pruned_after_epoch": self.pruned_after} if self.pruned_after else {}
 
 
 def set_threads(info: DistInfo) -> None:
@@ -209,6 +233,10 @@ def run(
         [processed_dir / n for n in ("meta.json", "train.csv", "val.csv")],
         [pipeline.ROOT / f for f in pipeline.code_files("stages.train")],
     )
+    link = TrialLink.from_env() if info.is_main else None  # set by `medpipe tune` only
+    hook = EpochHook(
+        lambda rows, extra: write_summary(metrics_file, rows, params, info, start, extra), link
+    )
     # only rank 0 writes; other ranks train their share and stop here
     outputs = atomic_dir(plots_dir) if info.is_main else contextlib.nullcontext(None)
     try:
@@ -224,7 +252,7 @@ def run(
                 live,
                 (resume_file, run_id),
                 info,
-                lambda rows: write_summary(metrics_file, rows, params, info, start),
+                hook,
             )
             if tmp is not None:
                 live.end()
@@ -235,13 +263,13 @@ def run(
     if not info.is_main:
         return f"train: rank {info.rank} of {info.world} done"
     final = assemble(states, model, meta)
-    extra = {}
+    extra = hook.extra()
     if len(states) > 1:  # the ensemble as shipped, on validation
         device = select_device(params.device)
         loss = torch.nn.BCEWithLogitsLoss() if meta.multilabel else torch.nn.CrossEntropyLoss()
         scores = validate(final.to(device), val_x, val_y, meta, device, loss)
         value = round(scores[params.monitor.removeprefix("val_")], 4)
-        extra = {"members": len(states), f"ensemble_{params.monitor}": value}
+        extra |= {"members": len(states), f"ensemble_{params.monitor}": value}
     summary = write_summary(metrics_file, history, params, info, start, extra)
     meta = replace(meta, best_epoch=summary["best_epoch"], members=len(states))
     save_checkpoint(model_file, final.cpu(), meta)
@@ -249,8 +277,9 @@ def run(
     name = model_params.name + (f" x {len(states)} members" if len(states) > 1 else "")
     if len(states) > 1:
         best = summary[f"ensemble_{params.monitor}"]
+    pruned = f", pruned after epoch {hook.pruned_after} by the search" if hook.pruned_after else ""
     return (
-        f"train: {name}, {len(history)} epochs (best {summary['best_epoch']}, "
+        f"train: {name}, {len(history)} epochs{pruned} (best {summary['best_epoch']}, "
         f"{params.monitor} {best:.3f}), {summary['images_per_second']:.0f} img/s "
         f"-> {model_file} in {summary['train_seconds']:.1f} s"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from stages.lib.params import Params, parse_params
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
 BIN = str(Path(sys.executable).parent)  # where `medpipe` and `dvc` live
 
 TINY = {
@@ -132,3 +135,35 @@ def model_meta(classes=("a", "b"), task=None, mean=(0.3,), std=(0.3,), **fields)
     values = {"model_name": "resnet10t", "channels": 1, "input_size": 16, "preprocess": {}}
     values |= {"classes": classes, "task": task, "mean": list(mean), "std": list(std)}
     return ModelMeta(**(values | fields))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium with no network (the pages must open offline)."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-sync",
+        "--disable-component-update",
+        "--window-size=1280,2000",
+        # no network: every host resolves to nothing, and no proxy is reachable
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=127.0.0.1:9",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,6 @@ from stages.lib.io import read_result, safe_name, write_result
 from stages.lib.params import parse_params
 from tests.conftest import TINY
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 SECTIONS = (
     "data",
     "preprocessing",
@@ -309,37 +306,6 @@ def test_user_strings_are_escaped(in_tmp: Path):
     page = build(in_tmp, ["normal", EVIL]).read_text()
     assert EVIL not in page  # tables escape it; plot data JSON-escapes "<" as \u003c
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-sync",
-        "--disable-component-update",
-        "--window-size=1280,2000",
-        # no network: every host resolves to nothing, and no proxy is reachable
-        "--host-resolver-rules=MAP * ~NOTFOUND",
-        "--proxy-server=127.0.0.1:9",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
 
 
 def test_report_renders_in_chromium(browser, built: Path, tmp_path: Path):

@@ -20,6 +20,28 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def core_slices(jobs: int) -> list[list[int] | None]:
+    """This process's cores dealt out to `jobs` child processes run side by side (as
+    `dvc queue` would run them), one slice each; None (unpinned) for a single job."""
+    if jobs <= 1 or not hasattr(os, "sched_getaffinity"):
+        return [None] * max(jobs, 1)
+    cores = sorted(os.sched_getaffinity(0))
+    per_job = max(1, len(cores) // jobs)
+    return [cores[(i * per_job) % len(cores) :][:per_job] for i in range(jobs)]
+
+
+def pin(cores: list[int] | None) -> Callable[[], None] | None:
+    """preexec_fn: run a child on these cores only (Linux; elsewhere, or None, unpinned).
+    medpipe's train stage then uses as many threads as it has cores."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return None
+
+    def apply() -> None:
+        os.sched_setaffinity(0, cores)
+
+    return apply
+
+
 @contextlib.contextmanager
 def worker_pool(
     n_tasks: int, preload: str | None = None

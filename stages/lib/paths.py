@@ -36,6 +36,8 @@ EMBED_METRICS = METRICS / "embed.json"
 EXPLAIN_METRICS = METRICS / "explain.json"
 
 
+TUNE = Path(".medpipe/tune")  # `medpipe tune`: search journals (default storage), trial logs
+TUNE_RESULTS = METRICS / "tune"  # one summary per search, git-tracked
 SPREAD = METRICS / "spread"  # `medpipe spread`: K trainings (seeds) of the recipe, git-tracked
 SPREAD_SUMMARY = SPREAD / "summary.json"
 

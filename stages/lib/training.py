@@ -473,7 +473,8 @@ def fit(
 
     With `resume_file`, the state after every epoch is saved there and a matching
     unfinished checkpoint (same `run_id`) is continued instead of starting over.
-    `on_epoch(history)` runs on rank 0 after every epoch (the live summary).
+    `on_epoch(history)` runs on rank 0 after every epoch (the live summary); a message it
+    returns stops training there (a search's pruner), with the best state so far.
     `resume_extra` is saved with every state (an ensemble's finished members and the index
     of this one: a state of another member is not continued here); `final` False leaves
     the resume file for the caller to close (the ensemble's next member).
@@ -510,8 +511,8 @@ def fit(
         if resume_file and info.is_main and not finished:
             state = resume_state(trainer, progress, rng, run_id, epoch)
             runtime.save_resume(resume_file, state | extra)
-        if info.is_main and on_epoch is not None:
-            on_epoch(progress.history)
+        stop = on_epoch(progress.history) if info.is_main and on_epoch is not None else None
+        stop = runtime.broadcast(stop, info)  # a pruned search trial stops on every rank
         if info.is_main:
             ema = f" (ema {row[f'ema_{params.monitor}']:.3f})" if trainer.ema else ""
             tqdm.write(
@@ -519,6 +520,10 @@ def fit(
                 f"val_loss {row['val_loss']:.3f}  {params.monitor} {row[params.monitor]:.3f}"
                 f"{ema}  {row['images_per_second']:.0f} img/s"
             )
+        if stop:
+            if info.is_main:
+                tqdm.write(stop)
+            break
         if finished:
             break
     if resume_file and info.is_main and final:  # a small marker: DVC expects the output

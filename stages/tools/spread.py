@@ -30,6 +30,7 @@ from stages.lib import paths, spread
 from stages.lib.errors import ToolFailed
 from stages.lib.io import atomic_dir, read_csv, read_json, write_csv, write_json
 from stages.lib.metrics import SUMMARY_KEYS
+from stages.lib.parallel import core_slices, pin
 from stages.lib.params import Params
 
 LOSS_LOG = paths.LIVE_PLOTS / "metrics" / "train" / "loss.tsv"  # one line per epoch
@@ -64,16 +65,6 @@ def predictions(root: Path) -> pd.DataFrame:
     return frame[keep]
 
 
-def pin(cores: list[int]):
-    """preexec_fn: run the child on these cores only (Linux; elsewhere unpinned)."""
-
-    def apply() -> None:
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, cores)
-
-    return apply
-
-
 def train_one(seed: int, full: dict, repo: Path, work: Path, cores: list[int] | None) -> Path:
     """Train and evaluate one seed in `work` (the project's data linked in)."""
     work.mkdir(parents=True)
@@ -88,7 +79,7 @@ def train_one(seed: int, full: dict, repo: Path, work: Path, cores: list[int] | 
             done = subprocess.run(
                 [sys.executable, "-m", "stages", stage], cwd=work, env=env, stdout=out,
                 stderr=subprocess.STDOUT, check=False,
-                preexec_fn=pin(cores) if cores else None,
+                preexec_fn=pin(cores),
             )  # fmt: skip
         if done.returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
@@ -116,14 +107,12 @@ def run(params: Params, seeds: int, jobs: int, repo: Path = Path(".")) -> str:
     kept = {wanted[0]: predictions(repo)}
     todo = wanted[1:]
     jobs = max(1, min(jobs, len(todo) or 1))
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    per_job = max(1, len(cores) // jobs) if cores else 0
+    slices = core_slices(jobs)
     with tempfile.TemporaryDirectory(prefix="medpipe-spread-") as tmp:
 
         def one(i_seed: tuple[int, int]) -> tuple[int, Path]:
             i, seed = i_seed
-            mine = cores[(i % jobs) * per_job : (i % jobs + 1) * per_job] if jobs > 1 else None
-            return seed, train_one(seed, full, repo, Path(tmp) / f"seed-{seed}", mine)
+            return seed, train_one(seed, full, repo, Path(tmp) / f"seed-{seed}", slices[i % jobs])
 
         epochs = params.train.epochs
         bar = tqdm(total=len(todo) * epochs, desc="spread: epochs trained", unit="epoch")
