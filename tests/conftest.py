@@ -16,6 +16,25 @@ from stages.lib.params import Params, parse_params
 # or the loopback stand-in of tests/test_hub.py (set before huggingface_hub reads it).
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+
+def share_cores() -> None:
+    """Under pytest-xdist (`make test` runs a worker per core), each worker and every process
+    it starts keep to their own cores: two trainings with a thread per core each would slow
+    each other many-fold (medpipe sizes its threads to the cores it may use)."""
+    worker, count = (
+        os.environ.get("PYTEST_XDIST_WORKER"),
+        os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
+    )
+    if not (worker and count) or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    per_worker = len(cores) // int(count)
+    if per_worker >= 1:
+        i = int(worker.removeprefix("gw")) % int(count)
+        os.sched_setaffinity(0, cores[i * per_worker : (i + 1) * per_worker])
+
+
+share_cores()
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

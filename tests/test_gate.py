@@ -95,6 +95,8 @@ def trained(tmp_path_factory) -> dict[str, dict[int, pd.DataFrame]]:
         i, (name, seed) = item
         data, change, _, threads = VARIANTS[name]
         pinned = [cores[i % len(cores)]] if threads == 1 and cores else None
+        if threads > 1 and hasattr(os, "sched_setaffinity"):  # all cores, even under xdist
+            pinned = list(range(os.cpu_count() or 1))
         work = projects[data] / f"{name}-{seed}"
         work = spread.train_one(seed, full(data, change), projects[data], work, pinned)
         return name, seed, spread.predictions(work)

@@ -309,14 +309,14 @@ def test_004_lung_disease_grid_embedding_and_cams(project, tmp_path, subprocess_
         csv, index=False
     )
     apply_recipe(project, subprocess_env, "004-lung-disease", f"data.path={csv}")
-    grid = ["-S", "model.name=resnet18,efficientnet_b0,densenet121", "-S", "train.lr=0.0005,0.002"]
+    grid = ["-S", "model.name=resnet18,efficientnet_b0,densenet121"]
     # a 2-epoch EfficientNet on 120 toy images has BatchNorm statistics from a few batches;
     # its ONNX graph then differs by up to 8e-4 in probability (1e-6 for the default run)
     grid += ["-S", "export.tolerance=0.002"]
     sh(project, subprocess_env, "dvc", "exp", "run", "--queue", *grid)
     sh(project, subprocess_env, "dvc", "exp", "run", "--run-all", "-j", "1")
     status = sh(project, subprocess_env, "dvc", "queue", "status")
-    assert status.count("Success") == 6, status
+    assert status.count("Success") == 3, status
     out = sh(
         project,
         subprocess_env,
@@ -329,10 +329,10 @@ def test_004_lung_disease_grid_embedding_and_cams(project, tmp_path, subprocess_
         "--metric",
         "roc_auc",
     )
-    assert re.search(r"^compare: 6 runs", out, re.M), out
+    assert re.search(r"^compare: 3 runs", out, re.M), out
     page = (project / "reports/compare.html").read_text()
     for name in ("resnet18", "efficientnet_b0", "densenet121"):
-        assert page.count(f"<td>{name}</td>") == 2, name
+        assert page.count(f"<td>{name}</td>") == 1, name
     # one run's outputs into the workspace: the study's t-SNE and Grad-CAM files
     shown = json.loads(sh(project, subprocess_env, "dvc", "exp", "show", "--json"))
     runs = [e["revs"][0] for c in shown for e in c.get("experiments") or []]
@@ -341,7 +341,7 @@ def test_004_lung_disease_grid_embedding_and_cams(project, tmp_path, subprocess_
         for r in runs
         if r["data"]["params"]["params.yaml"]["data"]["model"]["name"] == "densenet121"
     ]
-    assert len(dense) == 2
+    assert len(dense) == 1
     sh(project, subprocess_env, "dvc", "exp", "apply", dense[0].get("name") or dense[0]["rev"])
     split = json.loads((project / "metrics/split.json").read_text())
     assert split["train"]["n_images"] < split["train"]["n_images_before"]  # undersampled

@@ -277,7 +277,7 @@ def test_pull_request_workflow_without_secrets_computes_everything(lab):
 def test_a_grid_split_across_two_machines_is_compared_on_a_third(lab):
     env = lab["env"]
     # none equal to the default lr: an experiment identical to main's run is no new run
-    for machine, lrs in (("machine-1", "0.0005,0.003"), ("machine-2", "0.01,0.02")):
+    for machine, lrs in (("machine-1", "0.0005"), ("machine-2", "0.01")):
         path = clone(lab, machine)
         sh(path, env, "dvc", "pull", "--run-cache")
         sh(path, env, "dvc", "exp", "run", "--queue", "-S", f"train.lr={lrs}")
@@ -288,11 +288,11 @@ def test_a_grid_split_across_two_machines_is_compared_on_a_third(lab):
     shown = json.loads(sh(path, env, "dvc", "exp", "show", "--json"))
     runs = [e["revs"][0] for commit in shown for e in commit.get("experiments") or []]
     lrs = {r["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs}
-    assert lrs == {0.0005, 0.003, 0.01, 0.02}, lrs
+    assert lrs == {0.0005, 0.01}, lrs
     out = sh(path, env, "medpipe", "compare", "--out", "compare.html", "--param", "train.lr")
-    assert re.search(r"^compare: 5 runs", out, re.M), out  # the grid and main's own run
+    assert re.search(r"^compare: 3 runs", out, re.M), out  # the grid and main's own run
     page = (path / "compare.html").read_text()
-    for lr in ("0.0005", "0.003", "0.01", "0.02"):
+    for lr in ("0.0005", "0.01"):
         assert f"<td>{lr}</td>" in page, lr
     # the pulled experiments' outputs came too: one is checked out without computing
     sh(path, env, "dvc", "exp", "apply", runs[0].get("name") or runs[0]["rev"])

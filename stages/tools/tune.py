@@ -51,6 +51,7 @@ from stages.tools.spread import workspace_is_current
 EXP_REF = re.compile(r"^refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/(.+)$")
 FAILURES_IN_A_ROW = 3  # then the search stops: the space or the data is wrong, not a trial
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+KILLED = (130, 137, 143)  # exit codes of a process ended by SIGINT, SIGKILL, SIGTERM
 
 
 def results_file(study: str, repo: Path = Path(".")) -> Path:
@@ -136,6 +137,8 @@ def run_experiment(
             [*command, until], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
             check=False, preexec_fn=pin(cores),
         )  # fmt: skip
+    if done.returncode < 0 or done.returncode in KILLED:
+        raise Interrupted(f"{name}: stopped by a signal (exit {done.returncode})")
     if done.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-4:]
         raise ToolFailed(f"{name}: `dvc exp run` failed (log {log}): " + " | ".join(tail))
@@ -143,6 +146,10 @@ def run_experiment(
     if sha is None:
         raise ToolFailed(f"{name}: `dvc exp run` finished but no experiment ref was made")
     return sha
+
+
+class Interrupted(ToolFailed):
+    """The experiment was stopped from outside (Ctrl-C, a kill), not failed by its own."""
 
 
 def free_name(wanted: str, taken: set[str]) -> str:
@@ -271,6 +278,7 @@ class Search:
         self.failures: list[str] = []
         self.in_a_row = 0
         self.ran = 0
+        self.stopped = False
         self.bar: tqdm | None = None
 
     def next_trial(self):
@@ -297,6 +305,14 @@ class Search:
         try:
             sha = run_experiment(self.repo, name, trial.params, self.spec.until, env, cores, log)
             result = outcome(self.repo, sha, self.spec.metric)
+        except Interrupted:  # Ctrl-C or a kill: the next run retries these params
+            trial.set_user_attr("interrupted", True)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            with self.lock:
+                self.in_a_row = FAILURES_IN_A_ROW  # stop asking for trials
+                self.stopped = True
+            return
         except ToolFailed as exc:
             trial.set_user_attr("error", str(exc)[-500:])
             self.study.tell(trial, state=TrialState.FAIL)
@@ -340,6 +356,8 @@ class Search:
                 list(pool.map(worker, core_slices(self.jobs)))
         finally:
             self.bar.close()
+        if self.stopped:
+            raise ToolFailed("tune: interrupted; run the same command again to resume")
         if self.in_a_row >= FAILURES_IN_A_ROW:
             raise ToolFailed(
                 f"tune: {FAILURES_IN_A_ROW} trials failed in a row; the last: {self.failures[-1]}"
