@@ -29,7 +29,7 @@ import socket
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +341,16 @@ class Search:
                 self.bar.update(1)
         tqdm.write(f"trial {trial.number} ({name}): {describe(trial.params)}: {said}")
 
+    def epochs_running(self) -> str:
+        from optuna.trial import TrialState
+
+        mine = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") == WORKER
+        ]
+        return ", ".join(f"trial {t.number}: epoch {len(t.intermediate_values)}" for t in mine)
+
     def run(self) -> None:
         n = counts(self.study)
         done = n["complete"] + n["pruned"] + n["failed"]
@@ -353,7 +363,12 @@ class Search:
 
         try:
             with ThreadPoolExecutor(self.jobs) as pool:
-                list(pool.map(worker, core_slices(self.jobs)))
+                pending = {pool.submit(worker, cores) for cores in core_slices(self.jobs)}
+                while pending:  # the running trials' epochs, as their train stages report
+                    done, pending = wait(pending, timeout=5)
+                    for future in done:
+                        future.result()
+                    self.bar.set_postfix_str(self.epochs_running(), refresh=True)
         finally:
             self.bar.close()
         if self.stopped:
