@@ -237,6 +237,13 @@ def test_a_search_runs_trials_as_experiments_confirms_and_applies(repo, env):
         assert getattr(getattr(applied, section), name) == pytest.approx(value)
     assert "next: dvc repro" in done.stdout
     sh(repo, env, "git", "checkout", "-q", "--", "params.yaml")
+    # a trial is an experiment like any other: applied, the rest of the pipeline runs on it
+    best = max((t for t in finished if t.value is not None), key=lambda t: t.value)
+    sh(repo, env, "dvc", "exp", "apply", best.user_attrs["experiment"])
+    out = sh(repo, env, "dvc", "repro").stdout
+    assert "Running stage 'train'" not in out and "report: reports/report.html" in out
+    sh(repo, env, "git", "checkout", "-q", "--", ".")
+    sh(repo, env, "dvc", "checkout", "-q", "--force")
 
 
 @pytest.mark.slow

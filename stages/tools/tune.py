@@ -46,6 +46,7 @@ from stages.lib.metrics import SUMMARY_KEYS
 from stages.lib.page import Page, render, table
 from stages.lib.parallel import core_slices, pin
 from stages.lib.params import ParamsError, parse_params, read_yaml
+from stages.tools.compare import mean_interval
 from stages.tools.spread import workspace_is_current
 
 EXP_REF = re.compile(r"^refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/(.+)$")
@@ -465,11 +466,9 @@ def judge(rows: list[dict], spec: tuning.SearchSpec, gate: str) -> dict[str, Any
     winner against the baseline on test (reported, not used to choose)."""
     sign = 1.0 if spec.goal == "maximize" else -1.0
     for row in rows:
-        values = np.asarray(row["validation"], float)
-        row["validation_mean"], row["validation_sd"] = (
-            float(values.mean()),
-            float(values.std(ddof=1)),
-        )
+        mean, sd, half = mean_interval(np.asarray(row["validation"], float))
+        row["validation_mean"], row["validation_sd"] = mean, sd
+        row["validation_ci"] = [mean - half, mean + half]  # 95% t-interval of the seed mean
         test = np.asarray(row["test"], float)
         row["test_mean"], row["test_sd"] = float(test.mean()), float(test.std(ddof=1))
     rows.sort(key=lambda r: sign * r["validation_mean"], reverse=True)
@@ -545,6 +544,7 @@ def build_page(spec, study, confirmation: dict | None, seconds: float) -> str:
                 "seeds": len(r["seeds"]),
                 f"{spec.metric} mean": r["validation_mean"],
                 "sd": r["validation_sd"],
+                "95% CI of the mean": noise_text(r["validation_ci"]).replace("+", ""),
                 "vs best (95%)": noise_text(r["vs_best"]),
                 "verdict": r["verdict"],
                 f"test {confirmation['gate_metric']} mean": r["test_mean"],
