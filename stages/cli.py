@@ -339,8 +339,18 @@ def dvc_yaml(
 
 
 @app.command("params")
-def show_params(params_file: Path = ParamsOption) -> None:
+def show_params(
+    params_file: Path = ParamsOption,
+    markdown: bool = typer.Option(
+        False, "--markdown", help="Print the reference page (docs/params.md) instead."
+    ),
+) -> None:
     """Validate params.yaml and list every key with its default and meaning."""
+    if markdown:
+        from stages.tools.reference import params_reference
+
+        typer.echo(params_reference(), nl=False)
+        return
     if params_file.exists():
         _params(params_file)
     width = max(len(k) for k, _, _ in describe_params())

@@ -113,3 +113,15 @@ def test_timm_names_are_cached_on_disk(tmp_path, monkeypatch):
         assert module.timm_model_names() == frozenset({"only_this_model"})
     finally:
         module.timm_model_names.cache_clear()
+
+
+def test_the_params_reference_page_is_current():
+    """docs/params.md is `medpipe params --markdown`: regenerate it after changing the schema."""
+    from stages.tools.reference import params_reference
+
+    page = (ROOT / "docs" / "params.md").read_text()
+    assert page == params_reference(), "run: medpipe params --markdown > docs/params.md"
+    for key, _, _ in describe_params():
+        assert f"| `{key}` |" in page
+    assert "| `train.lr` | `0.001` | > 0.0 and <= 10.0 |" in page  # default and valid range
+    assert "`adamw`, `adam`, `sgd`" in page
