@@ -53,7 +53,7 @@ def test_a_valid_space_gives_the_distributions(tmp_path):
     dists = spec.distributions()
     assert dists["train.lr"].log and dists["train.lr"].low == 0.0003
     assert list(dists["train.batch_size"].choices) == [16, 32]
-    assert spec.goal == "maximize" and spec.until == "evaluate"
+    assert spec.goal == "maximize" and spec.until == "report"
     loss = tuning.load_space(write_space(tmp_path / "l.yaml", metric="val_loss"), DEFAULTS)
     assert loss.goal == "minimize"
 
@@ -240,10 +240,10 @@ def test_a_search_runs_trials_as_experiments_confirms_and_applies(repo, env):
     # a trial is an experiment like any other: applied, the rest of the pipeline runs on it
     best = max((t for t in finished if t.value is not None), key=lambda t: t.value)
     sh(repo, env, "dvc", "exp", "apply", best.user_attrs["experiment"])
-    out = sh(repo, env, "dvc", "repro").stdout
-    assert "Running stage 'train'" not in out and "report: reports/report.html" in out
+    assert (repo / "reports/report.html").is_file()  # the trial ran the whole pipeline
+    assert "Running stage" not in sh(repo, env, "dvc", "repro").stdout
     sh(repo, env, "git", "checkout", "-q", "--", ".")
-    sh(repo, env, "dvc", "checkout", "-q", "--force")
+    sh(repo, env, "git", "clean", "-fdq")  # the applied run's git-tracked outputs
 
 
 @pytest.mark.slow

@@ -113,7 +113,12 @@ class SearchSpec(Strict):
     pruner: Literal["median", "none"] = "median"
     startup_trials: int = Field(3, ge=0, description="Trials finished before pruning starts.")
     warmup_epochs: int = Field(1, ge=0, description="Epochs of a trial never pruned.")
-    until: Literal[UNTIL] = Field("evaluate", description="Last stage a trial runs.")
+    until: Literal[UNTIL] = Field(
+        "report",
+        description="Last stage a trial runs: report (all) makes every trial a whole run "
+        "(`dvc exp apply` checks out everything); evaluate saves the later stages' time, and "
+        "an applied trial then needs `dvc repro` for them.",
+    )
     confirm: Confirm = Field(default_factory=Confirm)
     space: dict[str, Dimension] = Field(..., min_length=1)
 
