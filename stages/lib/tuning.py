@@ -145,14 +145,6 @@ def set_key(tree: dict, key: str, value: Any) -> None:
     tree[last] = value
 
 
-def get_key(tree: dict, key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
 def load_space(path: Path, params: dict) -> SearchSpec:
     """Read and check a search-space file against the params schema, before anything trains.
 
