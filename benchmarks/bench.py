@@ -220,16 +220,18 @@ class TrainBench:
         return timed_passes(one_pass, passes)
 
     def medpipe_train(self, passes: int) -> float:
-        from stages.lib.params import TrainParams
-        from stages.lib.training import fit
+        from stages.lib.params import ModelParams, TrainParams
+        from stages.lib.training import Recipe, fit
 
         params = TrainParams(
             epochs=passes + 1, batch_size=self.batch_size, patience=passes + 1, seed=0
         )
+        model_params = ModelParams(pretrained=False, name=self.meta.model_name)
+        recipe = Recipe(model_params, params, self.aug)
         val = (self.images[: self.batch_size], self.targets[: self.batch_size])
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             _, history = fit(
-                self.fresh_model(), (self.images, self.targets), val, self.meta, params, self.aug, 0
+                self.fresh_model(), (self.images, self.targets), val, self.meta, recipe
             )
         rates = sorted(row["images_per_second"] for row in history[1:])  # after warm-up
         return rates[len(rates) // 2]

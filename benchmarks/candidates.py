@@ -32,9 +32,7 @@ import contextlib
 import hashlib
 import io
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +42,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages import evaluate, preprocess, train  # noqa: E402
-from stages.lib.io import read_result  # noqa: E402
+from benchmarks.seedrun import train_and_evaluate  # noqa: E402
+from stages import preprocess  # noqa: E402
 from stages.lib.metrics import expected_calibration_error, summarize  # noqa: E402
 from stages.lib.params import parse_params  # noqa: E402
 
@@ -86,25 +84,11 @@ def run_one(name: str, overlay: dict, seed: int, base: dict, processed: Path, wo
     """Train and evaluate one candidate with one seed; the result row."""
     params = parse_params(merge(merge(base, overlay), {"train": {"seed": seed}}))
     processed = processed_for(params, base, processed, work)
-    run = work / f"{name}-{seed}"
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
-    start = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):  # progress bars
-        line = train.run(
-            params.model, params.train, params.augment, processed, run / "model.pt",
-            run / "train.json", run / "plots/train", run / "last.pt", run / "dvclive",
-        )  # fmt: skip
-        seconds = time.perf_counter() - start
-        evaluate.run(
-            params.evaluate.model_copy(update={"latency_runs": 0}),
-            processed, run / "model.pt", run / "evaluate.json", run / "plots/evaluate",
-        )  # fmt: skip
-    result, trained = read_result(run / "evaluate.json"), read_result(run / "train.json")
-    history = pd.read_csv(run / "plots/train/history.csv")
+    done = train_and_evaluate(params, processed, work / f"{name}-{seed}")
+    result, trained, history = done.result, done.trained, done.history
     best = history[history["epoch"] == trained["best_epoch"]].iloc[0]
     prefix = "ema_" if trained.get("best_weights") == "ema" else ""
-    row = {"candidate": name, "seed": seed, "train_seconds": round(seconds, 1)}
+    row = {"candidate": name, "seed": seed, "train_seconds": round(done.train_seconds, 1)}
     row |= {f"test_{k}": result[k] for k in FIGURES}
     val_f1 = trained.get("ensemble_val_f1_macro", float(best[f"{prefix}val_f1_macro"]))
     row |= {
@@ -117,12 +101,11 @@ def run_one(name: str, overlay: dict, seed: int, base: dict, processed: Path, wo
         "epochs_run": trained["epochs_run"],
         "best_weights": trained.get("best_weights", "raw"),
     }
-    print(f"{name} seed {seed}: {line}", flush=True)
+    print(f"{name} seed {seed}: {done.line}", flush=True)
     # the test probabilities, for ensembles of any seeds after the fact (mean of members)
     keep = RESULTS.parent / "predictions" / f"{name}-{seed}.csv.gz"
     keep.parent.mkdir(parents=True, exist_ok=True)
-    pd.read_csv(run / "plots/evaluate/predictions.csv").to_csv(keep, index=False)
-    shutil.rmtree(run, ignore_errors=True)
+    done.predictions.to_csv(keep, index=False)
     return row
 
 

@@ -27,9 +27,7 @@ import contextlib
 import hashlib
 import io
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -38,9 +36,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages import download, evaluate, preprocess, split, train  # noqa: E402
+from benchmarks.seedrun import train_and_evaluate  # noqa: E402
+from stages import download, preprocess, split  # noqa: E402
 from stages.lib.catalog import MEDMNIST_V2_SOURCE, medmnist_baselines  # noqa: E402
-from stages.lib.io import read_result  # noqa: E402
 from stages.lib.params import Params, parse_params  # noqa: E402
 from stages.tools.recipe import load_recipe  # noqa: E402
 
@@ -113,30 +111,16 @@ def prepared(params: Params, work: Path) -> tuple[Path, str]:
 
 def run_one(params: Params, processed: Path, run: Path) -> dict:
     """Train and evaluate one seed; the figures of its row."""
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
-    start = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):
-        line = train.run(
-            params.model, params.train, params.augment, processed, run / "model.pt",
-            run / "train.json", run / "plots/train", run / "last.pt", run / "dvclive",
-        )  # fmt: skip
-        seconds = time.perf_counter() - start
-        evaluate.run(
-            params.evaluate.model_copy(update={"latency_runs": 0}),
-            processed, run / "model.pt", run / "evaluate.json", run / "plots/evaluate",
-        )  # fmt: skip
-    print(line, flush=True)
-    result, trained = read_result(run / "evaluate.json"), read_result(run / "train.json")
-    row = {f"test_{k}": result.get(k) for k in FIGURES}
+    done = train_and_evaluate(params, processed, run)
+    print(done.line, flush=True)
+    row = {f"test_{k}": done.result.get(k) for k in FIGURES}
     row |= {
-        "n_test": result["n_test"],
+        "n_test": done.result["n_test"],
         "n_train": len(pd.read_csv(processed / "train.csv", usecols=["index"])),
-        "train_seconds": round(seconds, 1),
-        "best_epoch": trained["best_epoch"],
-        "epochs_run": trained["epochs_run"],
+        "train_seconds": round(done.train_seconds, 1),
+        "best_epoch": done.trained["best_epoch"],
+        "epochs_run": done.trained["epochs_run"],
     }
-    shutil.rmtree(run, ignore_errors=True)
     return row
 
 

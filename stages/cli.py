@@ -1,12 +1,15 @@
-"""`medpipe <stage>`: one Typer command per DVC stage, each reading its own params sections.
+"""`medpipe <stage>`: one Typer command per DVC stage, each reading its own params sections,
+made from the stage table (`lib/pipeline.STAGES`); plus the tools outside the pipeline.
 
 The whole params file is validated first (exit code 2 on any bad key, before anything is
-written); then the stage's `run()` receives only its own section objects.
+written); then the stage's `run()` receives only its own section objects (the report: the
+whole file), as its table row says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import subprocess
 from collections.abc import Callable
@@ -15,7 +18,7 @@ from pathlib import Path
 import typer
 
 from stages import __version__
-from stages.lib import paths
+from stages.lib import paths, pipeline
 from stages.lib.console import error, track_stderr
 from stages.lib.errors import MedpipeError, ToolFailed
 from stages.lib.locks import stage_lock
@@ -88,79 +91,29 @@ def _run(step: Callable[[], str], stage: str | None = None) -> None:
     typer.echo(summary)
 
 
-@app.command()
-def download(params_file: Path = ParamsOption) -> None:
-    """Fetch or generate the dataset into data/raw (manifest.csv + dataset.json)."""
-    from stages import download as stage
-
+def _run_stage(stage: pipeline.Stage, params_file: Path) -> None:
+    """`medpipe <stage>`: validate the whole params file, then call the stage's `run()` with
+    the arguments its table row names, under the stage's lock."""
+    module = importlib.import_module(stage.module)
     p = _params(params_file)
-    _run(lambda: stage.run(p.data), "download")
+    nproc = p.train.nproc_per_node
+    if stage.torchrun and nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
+        from stages.lib import runtime  # deferred: imports torch
+
+        raise typer.Exit(subprocess.call(runtime.torchrun_command(params_file, nproc)))
+    arguments = stage.arguments(p, params_file)
+    _run(lambda: module.run(*arguments), stage.name)
 
 
-@app.command()
-def split(params_file: Path = ParamsOption) -> None:
-    """Split data/raw by patient into data/split/{train,val,test}.csv."""
-    from stages import split as stage
+def _stage_command(stage: pipeline.Stage) -> Callable[[Path], None]:
+    def command(params_file: Path = ParamsOption) -> None:
+        _run_stage(stage, params_file)
 
-    p = _params(params_file)
-    _run(lambda: stage.run(p.split), "split")
+    return command
 
 
-@app.command()
-def preprocess(params_file: Path = ParamsOption) -> None:
-    """Crop, equalise and resize every split into uint8 arrays in data/processed."""
-    from stages import preprocess as stage
-
-    p = _params(params_file)
-    _run(lambda: stage.run(p.preprocess), "preprocess")
-
-
-@app.command()
-def train(params_file: Path = ParamsOption) -> None:
-    """Train the model; write models/model.pt and metrics/train.json (torchrun: DDP)."""
-    from stages import train as stage
-
-    p = _params(params_file)
-    if p.train.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
-        command = stage.runtime.torchrun_command(params_file, p.train.nproc_per_node)
-        raise typer.Exit(subprocess.call(command))
-    _run(lambda: stage.run(p.model, p.train, p.augment), "train")
-
-
-@app.command()
-def evaluate(params_file: Path = ParamsOption) -> None:
-    """Score the model on the test split; write metrics/evaluate.json and plots."""
-    from stages import evaluate as stage
-
-    p = _params(params_file)
-    _run(lambda: stage.run(p.evaluate), "evaluate")
-
-
-@app.command()
-def export(params_file: Path = ParamsOption) -> None:
-    """Export models/model.ts (TorchScript) and models/model.onnx, checked against PyTorch."""
-    from stages import export as stage
-
-    p = _params(params_file)
-    _run(lambda: stage.run(p.export), "export")
-
-
-@app.command()
-def embed(params_file: Path = ParamsOption) -> None:
-    """t-SNE/UMAP/PCA map of the test set's penultimate features."""
-    from stages import embed as stage
-
-    p = _params(params_file)
-    _run(lambda: stage.run(p.embed), "embed")
-
-
-@app.command()
-def explain(params_file: Path = ParamsOption) -> None:
-    """Grad-CAM gallery per class and, where lesion masks exist, the pointing game."""
-    from stages import explain as stage
-
-    p = _params(params_file)
-    _run(lambda: stage.run(p.explain), "explain")
+for _stage in pipeline.STAGES.values():  # one command per row of the stage table
+    app.command(_stage.name, help=_stage.help)(_stage_command(_stage))
 
 
 @app.command("predict")
@@ -169,7 +122,7 @@ def predict_files(
         ..., help="Image files (PNG, JPEG, TIFF, DICOM), folders, or file.npz#key references."
     ),
     model: Path = typer.Option(paths.MODEL, "--model", "-m", help="Checkpoint."),
-    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write."),
+    out: Path = typer.Option(paths.PREDICT_OUTPUT, "--out", "-o", help="CSV to write."),
     cam: Path | None = typer.Option(None, "--cam", help="Folder for Grad-CAM overlays."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
     tta: bool = typer.Option(
@@ -192,15 +145,6 @@ def predict_files(
     from stages.tools import predict as stage
 
     _run(lambda: stage.run(paths, model, out, cam, batch_size, tta, threshold))
-
-
-@app.command()
-def report(params_file: Path = ParamsOption) -> None:
-    """Build reports/report.html from the metrics and plots of the other stages."""
-    from stages import report as stage
-
-    p = _params(params_file)
-    _run(lambda: stage.run(p, params_file), "report")
 
 
 @app.command()
@@ -317,7 +261,8 @@ def dvc_yaml(
     path: Path = typer.Option(Path("dvc.yaml"), help="The pipeline file."),
 ) -> None:
     """Rewrite dvc.yaml's code deps and params keys from the code (after adding a module or
-    a param); --check reports drift instead."""
+    a param) and write the block of a stage new to the stage table; --check reports drift
+    instead."""
     import difflib
 
     from stages.lib import pipeline

@@ -14,19 +14,13 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from stages.lib import arrays, collect, fetch, labels, paths, synthetic
+from stages.lib import labels, paths
 from stages.lib.images import thumbnail
-from stages.lib.io import (
-    LABEL_SEPARATOR,
-    MANIFEST_COLUMNS,
-    atomic_dir,
-    count_classes,
-    npz_writer,
-    write_csv,
-    write_json,
-)
+from stages.lib.io import MANIFEST_COLUMNS, atomic_dir, npz_writer, write_csv, write_json
+from stages.lib.labels import LABEL_SEPARATOR, count_classes
 from stages.lib.parallel import available_cores
 from stages.lib.params import DataParams
+from stages.lib.sources import archives, csv_list, files, folders, medmnist, remote, synthetic
 
 MEDMNIST_CITATION = (
     "Yang et al., MedMNIST v2, Scientific Data 2023 (https://medmnist.com); "
@@ -51,9 +45,9 @@ def build_synthetic(params: DataParams, out: Path) -> RawData:
     rows, thumbs = [], []
     # streamed into two array files: memory stays flat whatever n_patients is
     with (
-        npz_writer(out / "images.npz") as add_image,
+        npz_writer(out / paths.PHANTOMS_NAME) as add_image,
         npz_writer(
-            out / "masks.npz",
+            out / paths.PHANTOM_MASKS_NAME,
             compress=True,  # masks are mostly zeros
         ) as add_mask,
     ):
@@ -62,10 +56,17 @@ def build_synthetic(params: DataParams, out: Path) -> RawData:
             thumbs.append(thumbnail(ph.image))
             if ph.mask is not None:
                 add_mask(ph.key, ph.mask)
-            mask_ref = "" if ph.mask is None else f"masks.npz#{ph.key}"
+            mask_ref = "" if ph.mask is None else f"{paths.PHANTOM_MASKS_NAME}#{ph.key}"
             source = synthetic.source_split(syn, ph.site)
             rows.append(
-                (f"images.npz#{ph.key}", ph.label, ph.patient_id, source, ph.site, mask_ref)
+                (
+                    f"{paths.PHANTOMS_NAME}#{ph.key}",
+                    ph.label,
+                    ph.patient_id,
+                    source,
+                    ph.site,
+                    mask_ref,
+                )
             )
     manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, "group", "mask"])
     card = {
@@ -88,7 +89,7 @@ def build_npz(params: DataParams, out: Path) -> RawData:
     src = Path(params.path or "").expanduser()
     if not src.is_file():
         raise FileNotFoundError(f"data.path: {src} not found (expected a MedMNIST-format .npz)")
-    manifest, card, thumbs = arrays.index_npz(src, out, arrays.medmnist_entry(src.stem))
+    manifest, card, thumbs = medmnist.index_npz(src, out, medmnist.medmnist_entry(src.stem))
     card["source"] = "npz"
     return RawData(manifest, card, thumbs, NO_REJECTS, [])
 
@@ -96,11 +97,11 @@ def build_npz(params: DataParams, out: Path) -> RawData:
 def build_medmnist(params: DataParams, out: Path) -> RawData:
     """Download `data.flag` at `data.size` (URL and MD5 from medmnist's INFO) via the cache."""
     flag = params.flag or ""
-    url, md5 = fetch.medmnist_source(flag, params.size)
+    url, md5 = medmnist.medmnist_source(flag, params.size)
     fname = f"{flag}{'' if params.size == 28 else f'_{params.size}'}.npz"
-    cache = fetch.cache_dir(params.cache) / "medmnist"
-    src = fetch.fetch(fetch.mirror_url(url, params.mirror), md5, fname, cache, params.retries)
-    manifest, card, thumbs = arrays.index_npz(src, out, fetch.medmnist_info()[flag], link=True)
+    cache = remote.cache_dir(params.cache) / "medmnist"
+    src = remote.fetch(remote.mirror_url(url, params.mirror), md5, fname, cache, params.retries)
+    manifest, card, thumbs = medmnist.index_npz(src, out, medmnist.medmnist_info()[flag], link=True)
     card.update(
         name=Path(fname).stem, source="medmnist", url=url, md5=md5, citation=MEDMNIST_CITATION
     )
@@ -115,7 +116,7 @@ def _workers() -> int:
 def from_files(frame: pd.DataFrame, out: Path, card: dict, hint: str) -> RawData:
     """Pack the files of `frame` (file, name, label, patient_id, patient_known,
     source_split[, group, problem]); `hint` says how to give patient ids."""
-    kept, rejected, thumbs, colour = collect.pack_images(frame, out / "images.zip", _workers())
+    kept, rejected, thumbs, colour = files.pack_images(frame, out / paths.ARCHIVE_NAME, _workers())
     columns = ["image", "label", "patient_id", "source_split"]
     if "group" in kept and (kept["group"] != "").any():
         columns.append("group")
@@ -141,8 +142,8 @@ def from_files(frame: pd.DataFrame, out: Path, card: dict, hint: str) -> RawData
 def build_folder(params: DataParams, out: Path, root: Path | None = None) -> RawData:
     """Class folders: `root/<class>/*` or `root/<split>/<class>/*`."""
     root = root or Path(params.path or "").expanduser()
-    frame, empty = collect.scan_folder(root, params.follow_links)
-    frame["patient_id"], frame["patient_known"] = collect.patients_from_paths(
+    frame, empty = folders.scan_folder(root, params.follow_links)
+    frame["patient_id"], frame["patient_known"] = folders.patients_from_paths(
         frame["below"], frame["name"], params.patient_regex
     )
     card = {
@@ -173,7 +174,7 @@ def build_csv(
     if path is None:
         path = Path(params.path or "").expanduser()
         root = Path(params.root).expanduser() if params.root else None
-    frame = collect.rows_from_csv(path, root, params.columns.model_dump(), params.follow_links)
+    frame = csv_list.rows_from_csv(path, root, params.columns.model_dump(), params.follow_links)
     frame["label"] = frame["label"].map(
         lambda s: LABEL_SEPARATOR.join(n.strip() for n in s.split(LABEL_SEPARATOR) if n.strip())
     )
@@ -220,20 +221,20 @@ def _inside(root: Path, relative: str | None, what: str) -> Path:
 def build_url(params: DataParams, out: Path) -> RawData:
     """A zip/tar archive with a known SHA-256, extracted once into the cache."""
     url, sha = params.url or "", params.sha256 or ""
-    cache = fetch.cache_dir(params.cache)
-    name = fetch.archive_name(url, sha)
-    archive = fetch.fetch(
-        fetch.mirror_url(url, params.mirror),
+    cache = remote.cache_dir(params.cache)
+    name = archives.archive_name(url, sha)
+    archive = remote.fetch(
+        remote.mirror_url(url, params.mirror),
         f"sha256:{sha}",
         name,
         cache / "downloads",
         params.retries,
     )
-    root = fetch.extract_archive(
+    root = archives.extract_archive(
         archive, cache / "extracted" / sha[:16], params.max_extract_mb * 1e6
     )
     target = _inside(root, params.path, "data.path")
-    while not params.path and len(entries := collect.visible_entries(target)) == 1:
+    while not params.path and len(entries := files.visible_entries(target)) == 1:
         if not entries[0].is_dir():
             break
         target = entries[0]  # archives often wrap everything in one top folder
@@ -300,10 +301,10 @@ def run(params: DataParams, raw_dir: Path = paths.RAW) -> str:
         card["n_patients"] = int(raw.manifest["patient_id"].nunique())
         if card["task"] == "multilabel":
             card["n_no_finding"] = int((raw.manifest["label"] == "").sum())
-        write_csv(out / "manifest.csv", raw.manifest)
-        write_csv(out / "rejected.csv", raw.rejected)
-        np.save(out / "thumbnails.npy", raw.thumbnails)
-        write_json(out / "dataset.json", card)
+        write_csv(out / paths.MANIFEST_NAME, raw.manifest)
+        write_csv(out / paths.REJECTED_NAME, raw.rejected)
+        np.save(out / paths.THUMBNAILS_NAME, raw.thumbnails)
+        write_json(out / paths.DATASET_CARD_NAME, card)
     per_class = ", ".join(f"{c} {n:,}" for c, n in card["class_counts"].items())
     extra = [f"positive class {card['positive_class']}"] if card["positive_class"] else []
     if "n_no_finding" in card:

@@ -16,10 +16,10 @@ from stages.lib.checkpoint import ModelMeta
 from stages.lib.errors import ToolFailed
 from stages.lib.inference import ScoredSplit, load_model, read_split
 from stages.lib.io import (
-    LABEL_SEPARATOR,
     write_csv,
     write_json,
 )
+from stages.lib.labels import LABEL_SEPARATOR
 from stages.lib.params import EmbedParams
 from stages.lib.splitting import rarest_label
 

@@ -13,9 +13,11 @@ import pandas as pd
 import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from stages.lib import metrics, paths, shift, statistics
+from stages.lib import metric_registry, metrics, paths, shift, statistics
+from stages.lib.checkpoint import ModelMeta
 from stages.lib.inference import (
     LoadedModel,
+    ScoredSplit,
     count_parameters,
     load_model,
     measure_latency,
@@ -30,25 +32,15 @@ from stages.lib.io import (
 from stages.lib.labels import call_positive
 from stages.lib.params import EvaluateParams
 
-GROUP_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
-# metrics/evaluate.json; the rest (precision/recall, Brier, CIs, per class and group,
-# threshold, deployment figures) goes to metrics/detail/evaluate.json
-HEADLINE = (
-    "n_test",
-    "ci_unit",
-    "positive_class",
-    "sensitivity",
-    "specificity",
-    "accuracy",
-    "balanced_accuracy",
-    "f1_macro",
-    "kappa",
-    "roc_auc",
-    "ece",
-    "f1_micro",
-    "hamming_loss",
-    "shift_flags",
-)
+# metrics/evaluate.json: these facts of the run and the registry's headline metrics; the
+# rest (precision/recall, Brier, CIs, per class and group, threshold, deployment figures)
+# goes to metrics/detail/evaluate.json
+HEADLINE_FACTS = ("n_test", "ci_unit", "positive_class", "shift_flags")
+
+
+def headline() -> tuple[str, ...]:
+    """The keys of metrics/evaluate.json (its order is the order the result was computed)."""
+    return (*HEADLINE_FACTS, *metric_registry.headline_keys())
 
 
 def _rounded(values: dict) -> dict:
@@ -101,11 +93,11 @@ def intervals(
     """95% intervals of the headline metrics: vectorised for single-label tasks, one
     summary per resample for multi-label ones."""
     n, seed = params.bootstrap, params.seed
+    keys = keys or metric_registry.interval_keys(multilabel)
     if multilabel:
-        keys = keys or metrics.MULTILABEL_KEYS
         summary = metrics.summarize_multilabel
         return statistics.bootstrap_ci(y, probs, n, seed, keys, summary, groups)
-    return statistics.bootstrap_metrics(y, probs, groups, n, seed, keys or metrics.SUMMARY_KEYS)
+    return statistics.bootstrap_metrics(y, probs, groups, n, seed, keys)
 
 
 def class_intervals(
@@ -170,7 +162,7 @@ def group_metrics(
     skipped), each with its 95% interval when `params.bootstrap` > 0, resampling patients
     within the group (the interval of that group's figure)."""
     summary = metrics.summarize_multilabel if multilabel else metrics.summarize
-    keys = metrics.MULTILABEL_KEYS if multilabel else metrics.SUMMARY_KEYS
+    keys = metric_registry.interval_keys(multilabel)
     table = {}
     for name in sorted(set(groups) - {""}):
         rows = (groups == name).to_numpy()
@@ -265,21 +257,20 @@ def deployment_figures(model: LoadedModel, model_file: Path, runs: int) -> dict:
 
 def write_plots(
     out: Path,
-    frame: pd.DataFrame,
-    y: np.ndarray,
-    probs: np.ndarray,
-    classes: list[str],
+    test: ScoredSplit,
+    meta: ModelMeta,
     params: EvaluateParams,
-    multilabel: bool,
-    threshold: float | None,
-    positive: int | None = None,
+    threshold: float | None = None,
 ) -> None:
+    """The plots folder: confusion tables, predictions, ROC/PR curves, calibration."""
+    frame, y, probs = test.frame, test.y, test.probs
+    classes, multilabel, positive = meta.classes, meta.multilabel, meta.positive_index
     names = np.array(classes)
     pred = (probs >= 0.5).astype(int) if multilabel else probs.argmax(axis=1)
     pairs = confusion_pairs(y, pred, classes, multilabel)
-    write_csv(out / "confusion.csv", pairs)
+    write_csv(out / paths.CONFUSION_NAME, pairs)
     order = [v for c in classes for v in (c, f"no {c}")] if multilabel else classes
-    write_csv(out / "confusion_normalized.csv", normalized_confusion(pairs, order))
+    write_csv(out / paths.CONFUSION_NORMALIZED_NAME, normalized_confusion(pairs, order))
     columns = {f"prob_{c}": probs[:, k].round(6) for k, c in enumerate(classes)}
     keep = [c for c in ("image", "patient_id", "group") if c in frame]
     if multilabel:
@@ -290,13 +281,13 @@ def write_plots(
     table = frame[keep].assign(label=frame["label"], predicted=predicted, correct=correct)
     if threshold is not None and positive is not None:
         table["predicted_at_threshold"] = call_positive(probs, classes, positive, threshold)
-    write_csv(out / "predictions.csv", table.assign(**columns))
+    write_csv(out / paths.PREDICTIONS_NAME, table.assign(**columns))
     roc, pr = curve_tables(y, probs, classes, multilabel)
     for name in roc:
-        write_csv(out / "roc" / f"{safe_name(name)}.csv", roc[name])
-        write_csv(out / "pr" / f"{safe_name(name)}.csv", pr[name])
+        for kind, curve in zip(paths.CURVE_KINDS, (roc, pr), strict=True):
+            write_csv(paths.curve_file(out, kind, safe_name(name)), curve[name])
     write_csv(
-        out / "calibration.csv",
+        out / paths.CALIBRATION_NAME,
         metrics.reliability_table(y, probs, params.calibration_bins, multilabel).round(5),
     )
 
@@ -349,10 +340,10 @@ def run(
         )
     result.update(deployment_figures(model, model_file, params.latency_runs))
     with atomic_dir(plots_dir) as tmp:
-        write_plots(tmp, frame, y, probs, classes, params, multilabel, threshold, pos)
+        write_plots(tmp, test, model.meta, params, threshold)
         if shift_table is not None:
-            write_csv(tmp / "shift.csv", shift_table.astype({"val_ci": str, "test_ci": str}))
-    write_result(metrics_file, result, HEADLINE)
+            write_csv(tmp / paths.SHIFT_NAME, shift_table.astype({"val_ci": str, "test_ci": str}))
+    write_result(metrics_file, result, headline())
     ci = result.get("ci", {}).get("accuracy")
     ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     kappa = "" if multilabel else f"kappa {result['kappa']:.3f}, "

@@ -129,7 +129,7 @@ def write_gallery(
                 )
         totals = {cell: len(idx) for cell, idx in cells.items()}
         picture = gallery_image(rows, params.n_images, totals)
-        Image.fromarray(picture).save(out / f"{safe_name(name)}.png")
+        Image.fromarray(picture).save(paths.gallery_image(out, safe_name(name)))
     return pd.DataFrame(shown, columns=["class", "cell", "image", "label", "prob"])
 
 
@@ -184,17 +184,17 @@ def run(
     model = load_model(model_file)
     test = score_split(model, processed_dir, batch_size=params.batch_size)
     layer_name, layer = find_target_layer(model.net, params.target_layer, model.meta.input_size)
-    masks_file = Path(processed_dir) / "test_masks.npy"
+    masks_file = paths.split_masks(processed_dir, "test")
     result: dict = {"method": params.method, "target_layer": layer_name, "n_test": len(test.y)}
     with atomic_dir(plots_dir) as tmp:
         masks = np.load(masks_file, mmap_mode="r") if masks_file.is_file() else None
         shown = write_gallery(tmp, masks, model, test, layer, params)
-        write_csv(tmp / "gallery.csv", shown)
+        write_csv(tmp / paths.GALLERY_NAME, shown)
         if masks is not None:
             summary, table = score_lesions(model, test, masks, layer, params)
             result.update(summary)
             if len(table):
-                write_csv(tmp / "pointing.csv", table.round(4))
+                write_csv(tmp / paths.POINTING_NAME, table.round(4))
         del masks  # close the memory map
     write_result(metrics_file, result, HEADLINE)
     pointing = (

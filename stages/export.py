@@ -2,7 +2,7 @@
 
 Both take float32 pixel values 0..255 of shape (B, C, S, S) — the output of
 `stages.lib.images.prepare_image`, channels first — and return class probabilities:
-normalisation and softmax/sigmoid are inside the graph (`models.Deployable`). The model's
+normalisation and softmax/sigmoid are inside the graph (`inference.ExportedClassifier`). The model's
 meta (classes, preprocessing, input size) is stored in each file.
 
 A separate stage rather than part of evaluate: changing evaluate params (bootstrap, TTA)
@@ -13,10 +13,10 @@ independently after train.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 import warnings
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import torch
 from stages.lib import paths
 from stages.lib.checkpoint import ModelMeta
 from stages.lib.errors import CheckFailed
-from stages.lib.inference import Deployable, load_model, read_split
+from stages.lib.inference import ExportedClassifier, load_model, read_split
 from stages.lib.io import atomic_path, write_result
 from stages.lib.params import ExportParams
 
@@ -52,7 +52,7 @@ def deploy_meta(meta: ModelMeta) -> dict[str, str]:
 
 
 def export_torchscript(
-    module: Deployable, example: torch.Tensor, path: Path, meta: ModelMeta
+    module: ExportedClassifier, example: torch.Tensor, path: Path, meta: ModelMeta
 ) -> None:
     with warnings.catch_warnings():  # torch.jit is deprecated upstream but still the format
         warnings.simplefilter("ignore", FutureWarning)  # many serving stacks load
@@ -68,7 +68,7 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
 
 
 def export_onnx(
-    module: Deployable, example: torch.Tensor, path: Path, meta: ModelMeta, opset: int
+    module: ExportedClassifier, example: torch.Tensor, path: Path, meta: ModelMeta, opset: int
 ) -> None:
     """ONNX with a dynamic batch axis, weights inside the one file, meta as metadata_props."""
     import onnx
@@ -106,7 +106,7 @@ def onnx_latency(session, example: np.ndarray, runs: int = 50, warmup: int = 10)
         start = time.perf_counter()
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return median(times)
 
 
 def run(
@@ -123,7 +123,7 @@ def run(
     check = np.array(read_split(model, processed_dir).images[: params.check_images])  # writable
     reference = model.predict(check)  # the path evaluate uses
     pixels = torch.from_numpy(check).permute(0, 3, 1, 2).float().contiguous()  # (B, C, S, S)
-    module = Deployable(model.net, meta).eval()
+    module = ExportedClassifier(model.net, meta).eval()
     # both files are checked before either is renamed into place: no unchecked export ships
     with atomic_path(torchscript_file) as ts_tmp, atomic_path(onnx_file) as onnx_tmp:
         export_torchscript(module, pixels[:1], ts_tmp, meta)

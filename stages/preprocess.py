@@ -20,7 +20,6 @@ from tqdm import tqdm
 from stages.lib import paths
 from stages.lib.images import prepare_image, read_image, to_uint8
 from stages.lib.io import (
-    LABEL_SEPARATOR,
     SPLITS,
     atomic_dir,
     npy_writer,
@@ -28,6 +27,7 @@ from stages.lib.io import (
     read_json,
     write_json,
 )
+from stages.lib.labels import LABEL_SEPARATOR
 from stages.lib.parallel import ordered_map
 from stages.lib.params import PreprocessParams
 
@@ -46,10 +46,10 @@ def process_split(
     bar = tqdm(total=n, desc=split, leave=False, mininterval=2)
     with contextlib.ExitStack() as files:
         images = files.enter_context(
-            npy_writer(out / f"{split}_images.npy", (n, s, s, params.channels))
+            npy_writer(paths.split_images(out, split), (n, s, s, params.channels))
         )
         masks = (
-            files.enter_context(npy_writer(out / f"{split}_masks.npy", (n, s, s)))
+            files.enter_context(npy_writer(paths.split_masks(out, split), (n, s, s)))
             if has_masks
             else None
         )
@@ -126,16 +126,18 @@ def run(
     samples_dir: Path = paths.PREPROCESS_PLOTS,
 ) -> str:
     start = time.perf_counter()
-    card = read_json(raw_dir / "dataset.json")
-    frames = {s: read_csv(split_dir / f"{s}.csv", required=("image", "label")) for s in SPLITS}
+    card = read_json(raw_dir / paths.DATASET_CARD_NAME)
+    frames = {
+        s: read_csv(paths.split_table(split_dir, s), required=("image", "label")) for s in SPLITS
+    }
     with atomic_dir(out_dir) as out:
         for split, frame in frames.items():
             process_split(frame, raw_dir, out, split, params)
-            frame.assign(index=range(len(frame))).to_csv(out / f"{split}.csv", index=False)
-        train = np.load(out / "train_images.npy", mmap_mode="r")
+            frame.assign(index=range(len(frame))).to_csv(paths.split_table(out, split), index=False)
+        train = np.load(paths.split_images(out, "train"), mmap_mode="r")
         sample = train[:: max(1, len(train) // 512)].astype(np.float32) / 255
         write_json(
-            out / "meta.json",
+            out / paths.PROCESSED_META_NAME,
             {
                 "classes": card["classes"],
                 "task": card["task"],
@@ -148,7 +150,7 @@ def run(
         )
         del train
     with atomic_dir(samples_dir) as tmp:
-        save_samples(frames["train"], raw_dir, tmp / "samples.png", params)
+        save_samples(frames["train"], raw_dir, tmp / paths.SAMPLES_NAME, params)
     n = sum(len(f) for f in frames.values())
     return (
         f"preprocess: {n:,} images -> {out_dir} ({params.size} px, {params.channels} ch, "

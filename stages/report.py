@@ -17,7 +17,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import yaml
 
-from stages.lib import paths
+from stages.lib import metric_registry, paths
 from stages.lib.figures import (
     confusion_figures,
     curve_figures,
@@ -143,7 +143,7 @@ def training_section(page: Page, history: pd.DataFrame, train: dict) -> None:
         tag = "" if member is None else f" (member {member})"
         for col in ("train_loss", "val_loss"):
             loss.add_scatter(x=rows["epoch"], y=rows[col], name=col + tag, mode="lines+markers")
-        for col in ("val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"):
+        for col in metric_registry.monitor_metrics():
             scores.add_scatter(x=rows["epoch"], y=rows[col], name=col + tag, mode="lines+markers")
     loss.update_layout(title="Loss", xaxis_title="epoch", height=340)
     scores.update_layout(title="Validation metrics", xaxis_title="epoch", height=340)
@@ -320,7 +320,7 @@ def explain_section(page: Page, explain: dict, explain_dir: Path, classes: list[
         "negatives with the CAM of that class; lesion outlines in green.</p>"
     )
     for c in classes:
-        path = explain_dir / f"{safe_name(c)}.png"
+        path = paths.gallery_image(explain_dir, safe_name(c))
         if path.is_file():
             page.add(f"<h3>{html.escape(c)}</h3>")
             page.add(image_tag(path, f"Grad-CAM gallery for {c}"))
@@ -353,12 +353,14 @@ def embedding_section(page: Page, embedding: pd.DataFrame, embed: dict) -> None:
 
 def result_params(params: Params) -> dict:
     """The params that produced the results, per section: every key a stage depends on in
-    dvc.yaml (operational keys such as num_workers are left out: they change no result)."""
+    dvc.yaml (operational keys such as num_workers are left out: they change no result), of
+    the data keys only those its source reads (`DataParams.in_effect`)."""
     shown: dict = {}
     for key in stage_params("report"):
         section, _, name = key.partition(".")
         values = getattr(params, section).model_dump()
-        shown.setdefault(section, {}).update({name: values[name]} if name else values)
+        if section != "data" or name in params.data.in_effect():
+            shown.setdefault(section, {}).update({name: values[name]} if name else values)
     return shown
 
 
@@ -384,10 +386,10 @@ def run(
     )
     page.add(image_tag(paths.SAMPLES, "samples before and after"))
     training_section(page, read_csv(paths.HISTORY), read_result(paths.TRAIN_METRICS))
-    confusion = read_csv(paths.EVALUATE_PLOTS / "confusion.csv")
+    confusion = read_csv(paths.CONFUSION)
     results_section(page, result, confusion, classes, paths.EVALUATE_PLOTS)
     if "ece" in result:
-        calibration_section(page, result, read_csv(paths.EVALUATE_PLOTS / "calibration.csv"))
+        calibration_section(page, result, read_csv(paths.CALIBRATION))
     if "shift" in result:
         shift_section(page, result["shift"])
     export = read_result(paths.EXPORT_METRICS) if paths.EXPORT_METRICS.is_file() else None

@@ -19,12 +19,12 @@ from stages.lib.io import (
     MANIFEST_COLUMNS,
     SPLITS,
     atomic_dir,
-    count_classes,
     read_csv,
     read_json,
     write_csv,
     write_json,
 )
+from stages.lib.labels import count_classes
 from stages.lib.params import SplitParams
 from stages.lib.splitting import (
     assign_splits,
@@ -110,7 +110,7 @@ def write_split_files(
     """{train,val,test}.csv and duplicates.csv: the copies dropped from val/test
     (split.drop_duplicates) and those allow_duplicates let through."""
     for s in SPLITS:
-        write_csv(out / f"{s}.csv", splits[s])
+        write_csv(paths.split_table(out, s), splits[s])
     images = manifest["image"].to_numpy()
     allowed = pd.DataFrame(
         {
@@ -130,8 +130,8 @@ def run(
     metrics_file: Path = paths.SPLIT_METRICS,
 ) -> str:
     start = time.perf_counter()
-    manifest = read_csv(raw_dir / "manifest.csv", required=MANIFEST_COLUMNS)
-    card = read_json(raw_dir / "dataset.json")
+    manifest = read_csv(raw_dir / paths.MANIFEST_NAME, required=MANIFEST_COLUMNS)
+    card = read_json(raw_dir / paths.DATASET_CARD_NAME)
     classes, multilabel = card["classes"], card.get("task") == "multilabel"
     strategy = resolve_strategy(manifest, params.strategy)
     params = params.model_copy(update={"strategy": strategy})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -31,12 +31,23 @@ from stages.lib.models import (
 )
 from stages.lib.params import AugmentParams, ModelParams, TrainParams
 from stages.lib.runtime import DistInfo
-from stages.lib.training import fit, load_split, open_live, validate
+from stages.lib.training import Recipe, RunContext, fit, load_split, open_live, validate
 from stages.lib.tuning import TrialLink
 
 TIMING_KEYS = ("train_seconds", "images_per_second")  # the only run-to-run differences
 # metrics/train.json; the timings (hardware figures) go to metrics/detail/train.json
 HEADLINE = ("best_epoch", "best_weights", "epochs_run", "device", "processes", "hardware")
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """The files the train stage writes (defaults: `lib.paths`)."""
+
+    model_file: Path = paths.MODEL
+    metrics_file: Path = paths.TRAIN_METRICS
+    plots_dir: Path = paths.TRAIN_PLOTS
+    resume_file: Path = paths.RESUME
+    live_dir: Path = paths.LIVE
 
 
 def build_meta(
@@ -107,14 +118,11 @@ def write_summary(
 
 def fit_members(
     model: torch.nn.Module,
-    settings: tuple[ModelParams, TrainParams, AugmentParams],
+    recipe: Recipe,
     train: tuple,
     val: tuple,
     meta: ModelMeta,
-    live,
-    resume: tuple[Path, str],
-    info: DistInfo,
-    on_epoch,
+    context: RunContext,
 ) -> tuple[list[dict], list[dict]]:
     """Train the model, or the `train.ensemble` members one after the other (seeds seed,
     seed + 1, ...); their best states and the history (a `member` column for ensembles).
@@ -122,35 +130,30 @@ def fit_members(
     An ensemble's resume file also holds the finished members, so a killed run continues
     with the member it was training, from its last finished epoch.
     """
-    model_params, params, aug = settings
-    resume_file, run_id = resume
-    k_total = params.ensemble
-    if k_total == 1:
-        state, history = fit(
-            model, train, val, meta, params, aug, model_params.freeze_epochs, live,
-            trainable_from=model_params.trainable_from, resume_file=resume_file,
-            run_id=run_id, info=info, on_epoch=on_epoch,
-        )  # fmt: skip
+    info, on_epoch = context.info, context.on_epoch
+    resume_file, run_id = context.resume_file, context.run_id
+    if recipe.train.ensemble == 1:
+        state, history = fit(model, train, val, meta, recipe, context=context)
         return [state], history
     saved = runtime.load_resume(resume_file, run_id, remove_stale=False) or {}
     done: list[dict] = list(saved.get("members_done", []))
     states, history = [d["state"] for d in done], [r for d in done for r in d["history"]]
-    for k in range(len(done), k_total):
-        member = params.model_copy(update={"seed": params.seed + k, "ensemble": 1})
+    for k in range(len(done), recipe.train.ensemble):
+        member = recipe.for_member(k)
         if k:  # member 0 is the model built by the caller (seed); the others their own
-            torch.manual_seed(member.seed)
-            model = build_model(model_params, len(meta.classes), meta.channels)
+            torch.manual_seed(member.train.seed)
+            model = build_model(recipe.model, len(meta.classes), meta.channels)
             if info.world > 1:
-                torch.manual_seed(member.seed + info.rank)
-        extra = {"member": k, "members_done": done}
-        state, rows = fit(
-            model, train, val, meta, member, aug, model_params.freeze_epochs, live,
-            trainable_from=model_params.trainable_from, resume_file=resume_file,
-            run_id=run_id, info=info, resume_extra=extra, final=False,
+                torch.manual_seed(member.train.seed + info.rank)
+        member_context = replace(
+            context,
+            resume_extra={"member": k, "members_done": done},
+            final=False,
             on_epoch=lambda rows, k=k, before=list(history): on_epoch(
                 before + [r | {"member": k} for r in rows]
             ),
-        )  # fmt: skip
+        )
+        state, rows = fit(model, train, val, meta, member, context=member_context)
         rows = [r | {"member": k} for r in rows]
         states.append(state)
         if getattr(on_epoch, "stopped", None):  # pruned: no further members
@@ -209,12 +212,9 @@ def run(
     params: TrainParams,
     aug: AugmentParams,
     processed_dir: Path = paths.PROCESSED,
-    model_file: Path = paths.MODEL,
-    metrics_file: Path = paths.TRAIN_METRICS,
-    plots_dir: Path = paths.TRAIN_PLOTS,
-    resume_file: Path = paths.RESUME,
-    live_dir: Path = paths.LIVE,
+    outputs: TrainOutputs = TrainOutputs(),
 ) -> str:
+    out, recipe = outputs, Recipe(model_params, params, aug)
     start = time.perf_counter()
     info = runtime.dist_info()
     torch.manual_seed(params.seed)
@@ -230,30 +230,25 @@ def run(
     meta = build_meta(model_params, data_meta, model, train_x.shape, params.monitor, all_params)
     run_id = runtime.fingerprint(
         {**all_params, "world": info.world},
-        [processed_dir / n for n in ("meta.json", "train.csv", "val.csv")],
+        [
+            processed_dir / paths.PROCESSED_META_NAME,
+            *(paths.split_table(processed_dir, s) for s in ("train", "val")),
+        ],
         [pipeline.ROOT / f for f in pipeline.code_files("stages.train")],
     )
     link = TrialLink.from_env() if info.is_main else None  # set by `medpipe tune` only
     hook = EpochHook(
-        lambda rows, extra: write_summary(metrics_file, rows, params, info, start, extra), link
+        lambda rows, extra: write_summary(out.metrics_file, rows, params, info, start, extra), link
     )
     # only rank 0 writes; other ranks train their share and stop here
-    outputs = atomic_dir(plots_dir) if info.is_main else contextlib.nullcontext(None)
+    plots = atomic_dir(out.plots_dir) if info.is_main else contextlib.nullcontext(None)
     try:
-        with runtime.sigterm_as_exit(), outputs as tmp:
+        with runtime.sigterm_as_exit(), plots as tmp:
             # DVCLive writes each epoch as it ends (live view), not through the atomic folder
-            live = open_live(live_dir) if tmp else None
-            states, history = fit_members(
-                model,
-                (model_params, params, aug),
-                (train_x, train_y),
-                (val_x, val_y),
-                meta,
-                live,
-                (resume_file, run_id),
-                info,
-                hook,
-            )
+            live = open_live(out.live_dir) if tmp else None
+            context = RunContext(live, out.resume_file, run_id, info, hook)
+            train, val = (train_x, train_y), (val_x, val_y)
+            states, history = fit_members(model, recipe, train, val, meta, context)
             if tmp is not None:
                 live.end()
                 history_frame = pd.DataFrame(history).drop(columns="best", errors="ignore")
@@ -270,9 +265,9 @@ def run(
         scores = validate(final.to(device), val_x, val_y, meta, device, loss)
         value = round(scores[params.monitor.removeprefix("val_")], 4)
         extra |= {"members": len(states), f"ensemble_{params.monitor}": value}
-    summary = write_summary(metrics_file, history, params, info, start, extra)
+    summary = write_summary(out.metrics_file, history, params, info, start, extra)
     meta = replace(meta, best_epoch=summary["best_epoch"], members=len(states))
-    save_checkpoint(model_file, final.cpu(), meta)
+    save_checkpoint(out.model_file, final.cpu(), meta)
     best = summary[f"best_{params.monitor}"]
     name = model_params.name + (f" x {len(states)} members" if len(states) > 1 else "")
     if len(states) > 1:
@@ -281,5 +276,5 @@ def run(
     return (
         f"train: {name}, {len(history)} epochs{pruned} (best {summary['best_epoch']}, "
         f"{params.monitor} {best:.3f}), {summary['images_per_second']:.0f} img/s "
-        f"-> {model_file} in {summary['train_seconds']:.1f} s"
+        f"-> {out.model_file} in {summary['train_seconds']:.1f} s"
     )

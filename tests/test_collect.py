@@ -12,7 +12,7 @@ from PIL import Image
 
 from stages import download, split
 from stages.lib.images import read_image
-from stages.lib.io import encode_labels
+from stages.lib.labels import encode_labels
 from stages.lib.params import DataParams, SplitParams
 from tests.datasets import gradient, write_image_zoo
 

@@ -7,7 +7,8 @@ import pytest
 
 from stages import download, split
 from stages.lib.images import read_image, thumbnail
-from stages.lib.io import encode_labels, npz_array
+from stages.lib.io import npz_array
+from stages.lib.labels import encode_labels
 from stages.lib.params import DataParams, SplitParams
 from tests.datasets import medmnist_arrays, write_npz
 

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from stages import evaluate
-from stages.lib.inference import Deployable, LoadedModel, measure_latency, predict, tta_views
+from stages.lib.inference import (
+    ExportedClassifier,
+    LoadedModel,
+    measure_latency,
+    predict,
+    tta_views,
+)
 from stages.lib.io import read_json, read_result
 from stages.lib.params import EvaluateParams
 from tests.conftest import model_meta, tiny_processed
@@ -147,7 +153,7 @@ def test_deployable_equals_predict():
     images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 1), dtype=np.uint8)
     expected = predict(model, images, meta, 5, torch.device("cpu"))
     with torch.inference_mode():
-        got = Deployable(model, meta)(torch.from_numpy(images).permute(0, 3, 1, 2).float())
+        got = ExportedClassifier(model, meta)(torch.from_numpy(images).permute(0, 3, 1, 2).float())
     assert np.abs(got.numpy() - expected).max() < 1e-6
     assert measure_latency(model, meta, torch.device("cpu"), runs=3, warmup=1) > 0
 

@@ -34,9 +34,10 @@ def test_exports_match_pytorch(tmp_path, task, n_classes):
     assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob(".*.tmp"))  # one file
 
     # independently: load both files and compare with the PyTorch path evaluate uses
-    from stages.lib.models import load_checkpoint
+    from stages.lib.inference import load_model
 
-    model, meta = load_checkpoint(checkpoint)
+    loaded = load_model(checkpoint, "cpu")
+    model, meta = loaded.net, loaded.meta
     images = np.load(processed / "test_images.npy")
     expected = predict(model, images, meta, 5, torch.device("cpu"))
     pixels = images.transpose(0, 3, 1, 2).astype(np.float32)
@@ -65,10 +66,12 @@ def test_exports_and_checkpoints_are_byte_stable(tmp_path):
     script = (
         "import sys; from pathlib import Path\n"
         "from stages import export\n"
-        "from stages.lib.models import load_checkpoint, save_checkpoint\n"
+        "from stages.lib.inference import load_model\n"
+        "from stages.lib.models import save_checkpoint\n"
         "from stages.lib.params import ExportParams\n"
         "out, processed, checkpoint = (Path(a) for a in sys.argv[1:])\n"
-        "save_checkpoint(out / 'model.pt', *load_checkpoint(checkpoint))\n"
+        "loaded = load_model(checkpoint, 'cpu')\n"
+        "save_checkpoint(out / 'model.pt', loaded.net, loaded.meta)\n"
         "export.run(ExportParams(check_images=4), processed, out / 'model.pt',\n"
         "           out / 'model.ts', out / 'model.onnx', out / 'export.json')\n"
     )

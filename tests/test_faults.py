@@ -276,7 +276,7 @@ class Payload:
 
 
 def test_checkpoint_messages_say_what_the_file_is(checkpoint, tmp_path, subprocess_env_module):  # noqa: F811
-    from stages.lib.models import load_checkpoint
+    from stages.lib.checkpoint import load_checkpoint
 
     tampered = tmp_path / "tampered.pt"  # a checkpoint whose pickle would run a command
     torch.save({"format": 1, "state_dict": {}, "meta": Payload()}, tampered)

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from stages import download
-from stages.lib import fetch
 from stages.lib.images import read_image
-from stages.lib.io import encode_labels
+from stages.lib.labels import encode_labels
 from stages.lib.params import DataParams, ParamsError, parse_params
+from stages.lib.sources import archives, medmnist, remote
 from tests.datasets import medmnist_arrays, write_npz
 
 
@@ -89,12 +89,12 @@ def md5(data: bytes) -> str:
 def serve_medmnist(site, tmp_path, monkeypatch, flag, kind="gray", size=28, patch_md5=True):
     arrays = medmnist_arrays(kind, size=size)
     body = write_npz(tmp_path / "served.npz", arrays)
-    url, _ = fetch.medmnist_source(flag, size)
+    url, _ = medmnist.medmnist_source(flag, size)
     path = urlsplit(url).path
     site.files[path] = body
     if patch_md5:  # our file stands in for the real one: INFO must expect its hash
         key = "MD5" if size == 28 else f"MD5_{size}"
-        monkeypatch.setitem(fetch.medmnist_info()[flag], key, md5(body))
+        monkeypatch.setitem(medmnist.medmnist_info()[flag], key, md5(body))
     return arrays, body, path
 
 
@@ -129,7 +129,7 @@ def test_medmnist_through_mirror(site, tmp_path, monkeypatch, flag, kind, size, 
     line = download.run(params, tmp_path / "raw")
     manifest = pd.read_csv(tmp_path / "raw/manifest.csv", dtype=str, keep_default_na=False)
     card = json.loads((tmp_path / "raw/dataset.json").read_text())
-    info = fetch.medmnist_info()[flag]
+    info = medmnist.medmnist_info()[flag]
     assert card["task"] == task and card["channels"] == channels and card["source"] == "medmnist"
     assert card["classes"] == [info["label"][str(i)] for i in range(len(info["label"]))]
     assert card["name"] == (flag if size == 28 else f"{flag}_{size}")
@@ -150,8 +150,8 @@ def test_medmnist_through_mirror(site, tmp_path, monkeypatch, flag, kind, size, 
 
 def test_mirror_and_cache_from_environment(site, tmp_path, monkeypatch):
     _, body, path = serve_medmnist(site, tmp_path, monkeypatch, "pneumoniamnist")
-    monkeypatch.setenv(fetch.MIRROR_ENV, site.url + "/")
-    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "envcache"))
+    monkeypatch.setenv(remote.MIRROR_ENV, site.url + "/")
+    monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / "envcache"))
     params = DataParams(source="medmnist", flag="pneumoniamnist", size=28)
     download.run(params, tmp_path / "raw")
     assert site.hits[path] == 1
@@ -159,14 +159,14 @@ def test_mirror_and_cache_from_environment(site, tmp_path, monkeypatch):
 
 
 def test_mirror_url_keeps_path_and_query(monkeypatch):
-    monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(remote.MIRROR_ENV, raising=False)
     url = "https://zenodo.org/records/1/files/x.npz?download=1"
-    assert fetch.mirror_url(url, "http://10.0.0.2:8080/zenodo/") == (
+    assert remote.mirror_url(url, "http://10.0.0.2:8080/zenodo/") == (
         "http://10.0.0.2:8080/zenodo/records/1/files/x.npz?download=1"
     )
-    assert fetch.mirror_url(url, None) == url
+    assert remote.mirror_url(url, None) == url
     with pytest.raises(ValueError, match="not a base URL"):
-        fetch.mirror_url(url, "mirror.local")
+        remote.mirror_url(url, "mirror.local")
 
 
 def test_404_fails_at_once_with_a_clear_error(site, tmp_path):
@@ -196,7 +196,7 @@ def test_server_error_after_all_retries(site, tmp_path, monkeypatch):
 
 def test_wrong_checksum_names_both_hashes_and_leaves_nothing(site, tmp_path, monkeypatch):
     _, body, path = serve_medmnist(site, tmp_path, monkeypatch, "pneumoniamnist", patch_md5=False)
-    expected = fetch.medmnist_info()["pneumoniamnist"]["MD5"]
+    expected = medmnist.medmnist_info()["pneumoniamnist"]["MD5"]
     params = medmnist_params(site, tmp_path, "pneumoniamnist")
     with pytest.raises(ValueError) as err:
         download.run(params, tmp_path / "raw")
@@ -225,7 +225,8 @@ def test_medmnist_flag_is_validated_against_info():
         parse_params({"data": {"source": "medmnist", "flag": "organmnist3d"}})
     with pytest.raises(ParamsError, match=r"needs data\.flag"):
         parse_params({"data": {"source": "medmnist"}})
-    assert "chestmnist" in fetch.medmnist_flags() and "nodulemnist3d" not in fetch.medmnist_flags()
+    flags = medmnist.medmnist_flags()
+    assert "chestmnist" in flags and "nodulemnist3d" not in flags
 
 
 # --- url source and archive safety -------------------------------------------------------
@@ -368,7 +369,7 @@ def test_unsafe_archives_are_refused_and_nothing_is_written(tmp_path, archive, m
     (tmp_path / "archive").write_bytes(archive)
     target = tmp_path / "cache/extracted/abc"
     with pytest.raises(ValueError, match=message):
-        fetch.extract_archive(tmp_path / "archive", target, max_bytes=1e9)
+        archives.extract_archive(tmp_path / "archive", target, max_bytes=1e9)
     assert tree(tmp_path) == {"archive", "cache", "cache/extracted"}
 
 
@@ -377,10 +378,10 @@ def test_special_files_and_oversized_archives_are_refused(tmp_path):
     fifo.type = tarfile.FIFOTYPE
     (tmp_path / "fifo.tar").write_bytes(make_tar([(fifo, None)], gz=False))
     with pytest.raises(ValueError, match="special file"):
-        fetch.extract_archive(tmp_path / "fifo.tar", tmp_path / "out", 1e9)
+        archives.extract_archive(tmp_path / "fifo.tar", tmp_path / "out", 1e9)
     (tmp_path / "big.zip").write_bytes(make_zip({"a/big.bin": bytes(2_000_000)}))
     with pytest.raises(ValueError, match=r"data\.max_extract_mb"):
-        fetch.extract_archive(tmp_path / "big.zip", tmp_path / "out", 1e6)
+        archives.extract_archive(tmp_path / "big.zip", tmp_path / "out", 1e6)
     assert not (tmp_path / "out").exists()
 
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from stages.lib import images, io
+from stages.lib.labels import count_classes
 from tests.datasets import gradient, make_dicom, write_image_zoo
 
 
@@ -141,9 +142,9 @@ def test_thumbnail_ignores_size_depth_and_contrast():
 
 def test_count_classes_single_and_multi_label():
     labels = pd.Series(["a", "b", "a"])
-    assert io.count_classes(labels, ["a", "b", "c"], False) == {"a": 2, "b": 1, "c": 0}
+    assert count_classes(labels, ["a", "b", "c"], False) == {"a": 2, "b": 1, "c": 0}
     multi = pd.Series(["a|c", "", "c"])
-    assert io.count_classes(multi, ["a", "b", "c"], True) == {"a": 1, "b": 0, "c": 2}
+    assert count_classes(multi, ["a", "b", "c"], True) == {"a": 1, "b": 0, "c": 2}
 
 
 def test_npy_writer_streams_rows_into_a_loadable_array(tmp_path):

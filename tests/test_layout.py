@@ -3,6 +3,7 @@ the schema sits at the bottom, stage modules stay apart from the library."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from stages.lib import paths, pipeline
 from tests.conftest import ROOT
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-STAGE_NAMES = list(pipeline.STAGE_SECTIONS)
+STAGE_NAMES = list(pipeline.STAGES)
 
 
 def declared(stage: str, key: str) -> list[str]:
@@ -151,24 +152,90 @@ def test_schema_imports_no_stage_module():
 
 
 def test_library_imports_no_stage_module():
-    for path in (ROOT / "stages/lib").glob("*.py"):
-        module = f"stages.lib.{path.stem}"
+    for path in (ROOT / "stages/lib").rglob("*.py"):  # subpackages too (lib/sources)
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         stages = {pipeline.stage_module(s) for s in STAGE_NAMES}
         assert pipeline.direct_imports(module) & stages == set(), module
 
 
-def test_every_pipeline_path_is_defined_once():
-    sources = {p: p.read_text() for p in (ROOT / "stages").rglob("*.py")}
-    for literal in ('"data/processed"', '"models/model.pt"', '"data/raw"', '"data/split"'):
-        hits = [p for p, text in sources.items() if literal in text]
-        assert [p.name for p in hits] == ["paths.py"], literal
-    inline = [
-        f"{p.relative_to(ROOT)}:{m.group(0)}"
-        for p, text in sources.items()
+PIPELINE_FOLDER = re.compile(r"^(data|models|metrics|plots|reports|dvclive)/")
+DATA_SUFFIX = re.compile(r"\.(csv|json|npy|npz|png|pt|onnx|ts|html)$")
+PROSE = {"help", "description", "epilog", "short_help"}  # keyword arguments for people
+
+
+def inter_stage_names() -> set[str]:
+    """The file names passed between stages, as stages/lib/paths.py defines them."""
+    named = {v for k, v in vars(paths).items() if k.endswith("_NAME") and isinstance(v, str)}
+    files = {v.name for v in vars(paths).values() if isinstance(v, Path) and v.suffix}
+    templated = {f(Path(), "{}").name for f in (paths.split_images, paths.split_masks)}
+    return named | files | templated
+
+
+def path_spellings(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every string in `source` that spells a pipeline path by itself: a
+    known inter-stage file name, a path under a pipeline folder, or an f-string file name
+    joined with `/`. Docstrings, help texts and messages (text with spaces) are left out."""
+    tree = ast.parse(source)
+    skip = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            skip.add(id(body[0].value))  # a docstring
+        if isinstance(node, ast.keyword) and node.arg in PROSE:
+            skip |= {id(n) for n in ast.walk(node.value)}
+        if isinstance(node, ast.JoinedStr):
+            skip |= {id(v) for v in node.values}  # judged as the whole f-string
+    joined = {id(n.right) for n in ast.walk(tree) if isinstance(n, ast.BinOp)}
+    names, found = inter_stage_names(), []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+        elif isinstance(node, ast.JoinedStr):
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        else:
+            continue
+        if re.search(r"\s", text):
+            continue
+        fstring_file = isinstance(node, ast.JoinedStr) and id(node) in joined
+        if (
+            PIPELINE_FOLDER.match(text)
+            or set(re.split(r"[/#:`'\"(),]", text)) & names
+            or (fstring_file and DATA_SUFFIX.search(text))
+        ):
+            found.append((node.lineno, text))
+    return found
+
+
+def test_path_spellings_are_found():
+    bad = (
+        'a = raw_dir / "manifest.csv"\n'
+        'b = Path("data/processed")\n'
+        'c = out / f"{split}_images.npy"\n'
+        'd = folder / f"{name}.csv"\n'
+        'e = f"metrics/evaluate.json:{key}"\n'
+        'f = f"images.npz#{key}"\n'
+    )
+    assert sorted(line for line, _ in path_spellings(bad)) == [1, 2, 3, 4, 5, 6]
+    good = (
+        '"""Reads manifest.csv from data/raw."""\n'
+        "a = raw_dir / paths.MANIFEST_NAME\n"
+        'b = typer.Option(1, help="write metrics/train.json")\n'
+        'c = f"{path}: no manifest.csv here; run `medpipe download`"\n'
+        'd = cache / f"{name}.lock"\n'
+    )
+    assert path_spellings(good) == []
+
+
+def test_every_pipeline_path_is_spelled_only_in_paths_module():
+    hits = [
+        f"{p.relative_to(ROOT)}:{line}: {text!r}"
+        for p in sorted((ROOT / "stages").rglob("*.py"))
         if p.name != "paths.py"
-        for m in re.finditer(r'Path\("(data|models|metrics|plots|reports)/[^"]*"\)', text)
+        for line, text in path_spellings(p.read_text())
     ]
-    assert inline == []
+    assert hits == [], "use the names in stages/lib/paths.py:\n" + "\n".join(hits)
 
 
 def test_dvc_yaml_outputs_are_the_paths_module():
@@ -183,3 +250,23 @@ def test_stage_modules_stay_thin():
     for stage in STAGE_NAMES:
         lines = (ROOT / "stages" / f"{stage}.py").read_text().count("\n")
         assert lines < 420, f"stages/{stage}.py has {lines} lines: move logic to stages/lib"
+
+
+MAX_PARAMETERS = 8  # more, and a call site cannot be read without the signature beside it
+
+
+def test_no_function_takes_more_than_eight_parameters():
+    """Group what travels together (a params section, a dataclass) instead of a long list;
+    self/cls are not counted, *args/**kwargs are."""
+    long = []
+    for path in sorted((ROOT / "stages").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            a = node.args
+            names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+            names += [p.arg for p in (a.vararg, a.kwarg) if p is not None]
+            names = names[1:] if names[:1] in (["self"], ["cls"]) else names
+            if len(names) > MAX_PARAMETERS:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({len(names)})")
+    assert long == [], f"over {MAX_PARAMETERS} parameters: {long}"

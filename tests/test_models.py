@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from stages.lib import models
-from stages.lib.inference import predict
-from stages.lib.models import build_model, load_checkpoint, save_checkpoint
+from stages.lib.inference import load_model, predict
+from stages.lib.models import build_model, save_checkpoint
 from stages.lib.params import ModelParams, ParamsError, parse_params
 from stages.lib.training import set_trainable
 from tests.conftest import model_meta
@@ -143,7 +143,7 @@ def test_mlp_head_round_trips_through_the_checkpoint(tmp_path):
     assert model.fc[0].out_features == 16 and model.fc[3].out_features == 3
     meta = model_meta(["a", "b", "c"], mean=[0.5])
     save_checkpoint(tmp_path / "m.pt", model, replace(meta, head_hidden=16))
-    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt", "cpu").net
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(model.eval()(x), loaded(x))
 

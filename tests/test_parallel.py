@@ -21,7 +21,7 @@ def test_workers_do_not_hang_after_thread_pools_ran():
         "import cv2, numpy as np, torch\n"
         "torch.ones(512, 512) @ torch.ones(512, 512)\n"
         "cv2.GaussianBlur(np.zeros((2000, 2000), np.uint8), (31, 31), 5)\n"
-        "from stages.lib import synthetic\n"
+        "from stages.lib.sources import synthetic\n"
         "from stages.lib.params import SyntheticParams\n"
         "print(len(list(synthetic.iter_phantoms(SyntheticParams(n_patients=120)))))\n"
     )

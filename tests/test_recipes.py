@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.lib.checkpoint import read_checkpoint
+from stages.lib.checkpoint import load_checkpoint
 from stages.lib.io import read_result
 from stages.lib.params import Params, load_params
 from stages.tools import recipe
@@ -186,7 +186,7 @@ def test_000_ct_transfer_with_freeze_then_unfreeze(project, tmp_path, subprocess
     assert ran(out) == set(STAGES)
     assert re.search(r"^download: 72 images of 24 patients", out, re.M), out
     assert "no patient ids" not in out
-    meta = read_checkpoint(project / "models/model.pt")["meta"]
+    meta = load_checkpoint(project / "models/model.pt").meta.to_dict()
     assert meta["model_name"] == "resnet34" and "resnet34.pth" in meta["weights_source"]
     trainable = history(project)["trainable_params"].tolist()
     assert trainable[0] < trainable[1] / 100  # the head alone, then the whole network
@@ -219,7 +219,7 @@ def test_001_mura_abnormal_is_positive_with_kappa_per_body_part(project, tmp_pat
     assert re.search(r"^evaluate: .*positive abnormal: threshold", out, re.M), out
     card = json.loads((project / "data/raw/dataset.json").read_text())
     assert card["classes"] == ["abnormal", "normal"] and card["positive_class"] == "abnormal"
-    assert read_checkpoint(project / "models/model.pt")["meta"]["positive_class"] == "abnormal"
+    assert load_checkpoint(project / "models/model.pt").meta.positive_class == "abnormal"
     headline = json.loads((project / "metrics/evaluate.json").read_text())
     assert headline["positive_class"] == "abnormal" and "kappa" in headline
     assert 0 <= headline["sensitivity"] <= 1 and 0 <= headline["specificity"] <= 1
@@ -229,9 +229,7 @@ def test_001_mura_abnormal_is_positive_with_kappa_per_body_part(project, tmp_pat
         assert group["n"] == 8 and "kappa" in group and len(group["ci"]["kappa"]) == 2
     assert result["threshold"]["positive_class"] == "abnormal"
     trainable = history(project)["trainable_params"]
-    total = sum(
-        v.numel() for v in read_checkpoint(project / "models/model.pt")["state_dict"].values()
-    )
+    total = sum(v.numel() for v in load_checkpoint(project / "models/model.pt").state_dict.values())
     assert (trainable < total / 2).all()  # only the last dense block and the head
     report = (project / "reports/report.html").read_text()
     assert (
@@ -258,7 +256,7 @@ def test_002_brain_mri_latency_and_both_exports(project, tmp_path, subprocess_en
     assert (project / "models/model.ts").stat().st_size > 1e6
     assert (project / "models/model.onnx").stat().st_size > 1e6
     assert json.dumps(exported).count("max_abs_diff") >= 2
-    meta = read_checkpoint(project / "models/model.pt")["meta"]
+    meta = load_checkpoint(project / "models/model.pt").meta.to_dict()
     assert meta["params"]["augment"]["policy"] == "autoaugment"
 
 
@@ -290,7 +288,7 @@ def test_003_kaggle_pneumonia_folders_resplit_by_patient(project, tmp_path, subp
         assert (frame.groupby("patient_id").size() == 2).all()
     result = json.loads((project / "metrics/evaluate.json").read_text())
     assert result["positive_class"] == "PNEUMONIA" and result["ci_unit"] == "patient"
-    meta = read_checkpoint(project / "models/model.pt")["meta"]
+    meta = load_checkpoint(project / "models/model.pt").meta.to_dict()
     assert meta["params"]["train"]["sampler"] == "balanced"
     assert meta["preprocess"]["equalize"] == "global" and meta["preprocess"]["crop_borders"]
 

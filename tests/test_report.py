@@ -139,7 +139,7 @@ def write_inputs(root: Path, classes: list[str], seed: int = 0) -> None:
         "latency_ms": 3.2,
         "latency_device": "cpu (4 threads)",
     }
-    write_result(root / "metrics/evaluate.json", result, evaluate.HEADLINE)
+    write_result(root / "metrics/evaluate.json", result, evaluate.headline())
     export = {
         "onnx_latency_ms": 1.5,
         "torchscript_size_mb": 19.7,
@@ -286,7 +286,7 @@ def test_results_say_the_probabilities_are_test_time_averages(built: Path, in_tm
     section = built.read_text().split('id="results"', 1)[1].split("<h2 ", 1)[0]
     assert "test-time augmentation" in section
     result = read_result(in_tmp / "metrics/evaluate.json")  # without TTA the note goes
-    write_result(in_tmp / "metrics/evaluate.json", result | {"tta": False}, evaluate.HEADLINE)
+    write_result(in_tmp / "metrics/evaluate.json", result | {"tta": False}, evaluate.headline())
     params_file = in_tmp / "params.yaml"
     report.run(parse_params(TINY), params_file, in_tmp / "reports/plain.html")
     section = (in_tmp / "reports/plain.html").read_text().split('id="results"', 1)[1]

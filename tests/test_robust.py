@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from stages import train
-from stages.lib import shift, synthetic, training
+from stages.lib import shift, training
 from stages.lib.augment import BatchAugment
-from stages.lib.inference import predict
+from stages.lib.checkpoint import load_checkpoint
+from stages.lib.inference import load_model, predict
 from stages.lib.io import read_result
-from stages.lib.models import Ensemble, build_model, load_checkpoint
+from stages.lib.models import Ensemble, build_model
 from stages.lib.params import AugmentParams, ModelParams, SyntheticParams, TrainParams
+from stages.lib.sources import synthetic
 from tests.conftest import model_meta, write_params
 from tests.test_train import (
     NO_AUG,
@@ -155,9 +157,11 @@ def test_class_figures_match_direct_counts():
 
 def fit(params: TrainParams, aug: AugmentParams = NO_AUG, model_params=None, validate=None):
     torch.manual_seed(0)
-    model = build_model(model_params or ModelParams(pretrained=False, name="resnet10t"), 2, 1)
+    model_params = model_params or ModelParams(pretrained=False, name="resnet10t")
+    model = build_model(model_params, 2, 1)
+    recipe = training.Recipe(model_params, params, aug)
     state, history = training.fit(
-        model, separable_data(), separable_data(seed=1), model_meta(), params, aug, 0
+        model, separable_data(), separable_data(seed=1), model_meta(), recipe
     )
     return model, state, history
 
@@ -292,9 +296,8 @@ def test_precise_bn_turns_a_chance_level_model_from_scratch_into_a_working_one(n
         params = TrainParams(
             epochs=2, batch_size=16, warmup_epochs=1, lr=0.002, precise_bn=precise_bn
         )
-        _, history = training.fit(
-            model, upscaled(128, 0), upscaled(64, 1), model_meta(), params, NO_AUG, 0
-        )
+        recipe = training.Recipe(ModelParams(pretrained=False, name=name), params, NO_AUG)
+        _, history = training.fit(model, upscaled(128, 0), upscaled(64, 1), model_meta(), recipe)
         assert history[-1]["train_loss"] < 0.2
         return history[-1]["val_accuracy"]
 
@@ -330,7 +333,8 @@ def ensemble_project(root):
 def test_ensemble_is_saved_as_one_model_of_its_members_and_scored_as_their_mean(tmp_path):
     root = ensemble_project(tmp_path)
     train_in_process(root)
-    model, meta = load_checkpoint(root / "models/model.pt")
+    loaded = load_model(root / "models/model.pt", "cpu")
+    model, meta = loaded.net, loaded.meta
     assert isinstance(model, Ensemble) and meta.members == 2 and len(model.members) == 2
     a, b = (m.state_dict()["fc.weight"] for m in model.members)
     assert not torch.equal(a, b)  # two seeds, two models
@@ -352,7 +356,7 @@ def test_killed_ensemble_continues_with_the_member_it_was_training(tmp_path, mon
     real, calls = training.fit, []
 
     def dies_in_second_member(*args, **kwargs):
-        calls.append(kwargs.get("resume_extra", {}).get("member"))
+        calls.append((kwargs["context"].resume_extra or {}).get("member"))
         if calls[-1] == 1:
             raise KeyboardInterrupt  # killed while training member 1
         return real(*args, **kwargs)
@@ -365,7 +369,7 @@ def test_killed_ensemble_continues_with_the_member_it_was_training(tmp_path, mon
     monkeypatch.setattr(train, "fit", real)
     calls.clear()
     monkeypatch.setattr(
-        train, "fit", lambda *a, **k: calls.append(k["resume_extra"]) or real(*a, **k)
+        train, "fit", lambda *a, **k: calls.append(k["context"].resume_extra) or real(*a, **k)
     )
     train_in_process(root)
     assert [c["member"] for c in calls] == [1]  # member 0 was not trained again
@@ -379,7 +383,7 @@ def test_an_ensemble_exports_as_one_model_that_matches_pytorch(tmp_path):
     from tests.conftest import tiny_processed
 
     processed, single = tiny_processed(tmp_path, "multiclass", ["a", "b", "c"], n=8)
-    _, meta = load_checkpoint(single)
+    meta = load_checkpoint(single).meta
     torch.manual_seed(0)
     members = [build_model(ModelParams(pretrained=False, name="resnet10t"), 3, 1) for _ in range(2)]
     for m in members:

@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from stages.lib import metrics, statistics
+from stages.lib import metric_registry, metrics, statistics
 
 
 def random_run(n: int, k: int, seed: int, skill: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +133,7 @@ def test_multiplicities_equal_repeated_images():
     for r in range(4):
         idx = np.repeat(np.arange(30), counts[r])
         expected = metrics.summarize(y[idx], probs[idx])
-        for key in metrics.SUMMARY_KEYS:
+        for key in metric_registry.interval_keys():
             assert got[key][r] == pytest.approx(expected[key], abs=1e-12, nan_ok=True), key
 
 
@@ -169,7 +169,7 @@ def test_one_image_per_patient_gives_the_image_bootstrap():
     image = statistics.bootstrap_metrics(y, probs, None, 200, seed=4)
     patient = statistics.bootstrap_metrics(y, probs, ids, 200, seed=4)
     assert patient == image
-    assert set(image) == set(metrics.SUMMARY_KEYS)
+    assert set(image) == set(metric_registry.interval_keys())
 
 
 def test_same_seed_same_intervals_other_seed_other_intervals():
@@ -210,7 +210,7 @@ def test_chunked_resamples_equal_one_block(monkeypatch):
 def test_identical_runs_differ_by_zero():
     y, probs, groups, _ = correlated_patients(seed=3)
     result = statistics.paired_bootstrap_difference(y, probs, probs, groups, 200, seed=0)
-    assert set(result) == set(metrics.SUMMARY_KEYS)
+    assert set(result) == set(metric_registry.interval_keys())
     for key, row in result.items():
         assert row["difference"] == 0.0 and row["ci"] == [0.0, 0.0], key
         assert row["base"] == row["head"] == round(metrics.summarize(y, probs)[key], 4)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from stages.lib import synthetic
 from stages.lib.params import SyntheticParams
+from stages.lib.sources import synthetic
 
 
 @pytest.fixture(scope="module")

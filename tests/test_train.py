@@ -2,6 +2,7 @@ import json
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import torch
 
 from stages import evaluate, train
 from stages.lib import metrics, runtime, training
-from stages.lib.inference import predict
-from stages.lib.io import LABEL_SEPARATOR, read_result, write_json
-from stages.lib.models import build_model, load_checkpoint
+from stages.lib.checkpoint import load_checkpoint
+from stages.lib.inference import load_model, predict
+from stages.lib.io import read_result, write_json
+from stages.lib.labels import LABEL_SEPARATOR
+from stages.lib.models import build_model
 from stages.lib.optim import class_weights
 from stages.lib.params import AugmentParams, EvaluateParams, ModelParams, TrainParams
 from tests.conftest import BIN, model_meta, write_params
@@ -21,6 +24,14 @@ from tests.conftest import BIN, model_meta, write_params
 NO_AUG = AugmentParams(
     rotation=0, crop_scale=1.0, brightness=0, contrast=0, gamma=0, noise=0, blur=0
 )
+
+
+def recipe(
+    params: TrainParams, aug: AugmentParams = NO_AUG, freeze_epochs: int = 0
+) -> training.Recipe:
+    """The recipe `training.fit` takes: a from-scratch resnet10t with these train params."""
+    model = ModelParams(pretrained=False, name="resnet10t", freeze_epochs=freeze_epochs)
+    return training.Recipe(model, params, aug)
 
 
 def plain(**changes) -> TrainParams:
@@ -130,7 +141,7 @@ def test_fit_learns_a_separable_task_and_is_deterministic():
         torch.manual_seed(0)
         model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
         state, history = training.fit(
-            model, separable_data(), separable_data(seed=1), meta, params, NO_AUG, freeze_epochs=0
+            model, separable_data(), separable_data(seed=1), meta, recipe(params)
         )
         results.append(history)
     assert results[0][-1]["val_accuracy"] > 0.9
@@ -145,12 +156,12 @@ def test_train_json_is_rewritten_after_every_epoch(tmp_path, monkeypatch):
     seen = []
     real_fit = training.fit
 
-    def spying_fit(*args, on_epoch, **kwargs):
+    def spying_fit(*args, context):
         def spy(rows):
-            on_epoch(rows)
+            context.on_epoch(rows)
             seen.append(read_result(metrics_file)["epochs_run"])
 
-        return real_fit(*args, on_epoch=spy, **kwargs)
+        return real_fit(*args, context=replace(context, on_epoch=spy))
 
     monkeypatch.setattr(train, "fit", spying_fit)
     params = plain(epochs=3, batch_size=16, patience=3, warmup_epochs=0)
@@ -160,11 +171,9 @@ def test_train_json_is_rewritten_after_every_epoch(tmp_path, monkeypatch):
         params,
         NO_AUG,
         processed,
-        out["model.pt"],
-        metrics_file,
-        out["plots"],
-        out["last.pt"],
-        out["dvclive"],
+        train.TrainOutputs(
+            out["model.pt"], metrics_file, out["plots"], out["last.pt"], out["dvclive"]
+        ),
     )
     assert seen == [1, 2, 3]
     summary = read_result(metrics_file)
@@ -179,7 +188,8 @@ def test_freeze_then_unfreeze_moves_the_backbone_only_after_freeze_epochs():
         model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
         start = {k: v.clone() for k, v in model.state_dict().items()}
         params = plain(epochs=epochs, batch_size=16, warmup_epochs=0, unfreeze_lr_factor=0.1)
-        training.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 1)
+        train_set, val_set = separable_data(48), separable_data(24, seed=1)
+        training.fit(model, train_set, val_set, meta, recipe(params, freeze_epochs=1))
         snapshots.append((start, model.state_dict()))
     (start1, end1), (start2, end2) = snapshots
     assert torch.equal(start1["layer1.0.conv1.weight"], end1["layer1.0.conv1.weight"])
@@ -207,7 +217,7 @@ def test_grad_clip_bounds_the_sgd_step():
     torch.manual_seed(0)
     model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
     before = [p.detach().clone() for p in model.parameters()]
-    training.fit(model, separable_data(48), separable_data(24, seed=1), meta, params, NO_AUG, 0)
+    training.fit(model, separable_data(48), separable_data(24, seed=1), meta, recipe(params))
     steps = 48 // 16
     change = max(
         (p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before, strict=True)
@@ -227,7 +237,8 @@ def test_multilabel_fixture_trains_with_bce_and_scores_macro_auc(in_tmp):
     history = pd.read_csv(in_tmp / "plots/train/history.csv")
     auc = history["val_roc_auc"]
     assert auc.notna().all() and auc.max() > 0.75 and auc.max() > auc[0]  # it learns
-    model, meta = load_checkpoint(in_tmp / "models/model.pt")
+    loaded = load_model(in_tmp / "models/model.pt", "cpu")
+    model, meta = loaded.net, loaded.meta
     assert meta.task == "multilabel" and meta.classes == CHEST14
     x, y = multilabel_data(64, seed=2)
     probs = predict(model, x, meta, 64, torch.device("cpu"))
@@ -249,7 +260,7 @@ def test_early_stopping_ends_after_patience_and_keeps_the_best_epoch(monkeypatch
     params = plain(epochs=8, batch_size=16, warmup_epochs=0, patience=2, monitor="val_loss")
     model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
     data = separable_data(32)
-    _, history = training.fit(model, data, data, meta, params, NO_AUG, 0)
+    _, history = training.fit(model, data, data, meta, recipe(params))
     # lower val_loss is better: epoch 2 is best; epochs 3 and 4 do not beat it -> stop after 4
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     assert [bool(row.get("best")) for row in history] == [True, True, False, False]
@@ -302,11 +313,11 @@ def train_in_process(root: Path) -> None:
     from stages.lib.params import load_params
 
     p = load_params(root / "params.yaml")
-    train.run(
-        p.model, p.train, p.augment, root / "data/processed", root / "models/model.pt",
-        root / "metrics/train.json", root / "plots/train", root / "models/last.pt",
-        root / "dvclive",
+    outputs = train.TrainOutputs(
+        root / "models/model.pt", root / "metrics/train.json", root / "plots/train",
+        root / "models/last.pt", root / "dvclive",
     )  # fmt: skip
+    train.run(p.model, p.train, p.augment, root / "data/processed", outputs)
 
 
 def fixture_project(root: Path) -> Path:
@@ -382,7 +393,7 @@ def test_compile_trains_and_keeps_plain_weight_names():
     torch.manual_seed(0)
     model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
     state, history = training.fit(
-        model, separable_data(48), separable_data(24, 16, 1), meta, params, NO_AUG, 0
+        model, separable_data(48), separable_data(24, 16, 1), meta, recipe(params)
     )
     assert set(state) == set(
         build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1).state_dict()
@@ -399,7 +410,7 @@ def test_pretrained_run_normalises_with_the_weights_statistics(in_tmp):
     model_params = ModelParams(name="resnet10t", pretrained=True, weights="w.pth")
     params = plain(epochs=1, batch_size=16, warmup_epochs=0)
     train.run(model_params, params, NO_AUG, processed_dir=processed)
-    _, meta = load_checkpoint(in_tmp / "models/model.pt")
+    meta = load_checkpoint(in_tmp / "models/model.pt").meta
     # ImageNet mean/std averaged over RGB for gray input, not the dataset's 0.3/0.3
     assert meta.mean == [0.449] and meta.std == [0.226]
     assert meta.weights_source == "w.pth"
@@ -414,7 +425,9 @@ def test_loader_workers_do_not_change_the_trained_weights():
         torch.manual_seed(0)
         model = build_model(ModelParams(pretrained=False, name="resnet10t"), 2, 1)
         params = plain(epochs=1, batch_size=8, warmup_epochs=0, num_workers=workers)
-        training.fit(model, separable_data(64), separable_data(16, seed=1), meta, params, aug, 0)
+        training.fit(
+            model, separable_data(64), separable_data(16, seed=1), meta, recipe(params, aug)
+        )
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
@@ -428,8 +441,10 @@ def test_train_json_records_the_hardware_and_deterministic_switch(tmp_path, monk
     seen: list[bool] = []
     out = {k: tmp_path / k for k in ("model.pt", "plots", "last.pt", "dvclive")}
     train.run(
-        ModelParams(pretrained=False, name="resnet10t"), params, NO_AUG, processed, out["model.pt"],
-        metrics_file, out["plots"], out["last.pt"], out["dvclive"],
+        ModelParams(pretrained=False, name="resnet10t"), params, NO_AUG, processed,
+        train.TrainOutputs(
+            out["model.pt"], metrics_file, out["plots"], out["last.pt"], out["dvclive"]
+        ),
     )  # fmt: skip
     assert seen == [True]
     hardware = json.loads(metrics_file.read_text())["hardware"]  # headline: diffs show it

@@ -1,8 +1,14 @@
-"""The checkpoint's meta: what `models/model.pt` says about its weights, as one typed object.
+"""The checkpoint `models/model.pt`: its meta as one typed object, and the one loader.
 
-`model.pt` stores it as a plain dict (so `torch.load(..., weights_only=True)` reads it);
-`ModelMeta.from_dict` / `to_dict` convert. This module is the one home of those keys: the
-stages ask `meta.multilabel` or `meta.normalization(device)`, never the dict.
+`model.pt` stores the meta as a plain dict (so `torch.load(..., weights_only=True)` reads
+it); `ModelMeta.from_dict` / `to_dict` convert. This module is the one home of those keys:
+the stages ask `meta.multilabel` or `meta.normalization(device)`, never the dict.
+
+`load_checkpoint` is the one function that reads a model.pt (weights only, the file's
+format recognised, a clear error for anything else) and returns a typed `Checkpoint`. Its
+users only add what they need on top: `models.build_from_checkpoint` builds the network
+with those weights on a device, and `inference.load_model` chooses the device and returns
+the `LoadedModel` the stages score with.
 """
 
 from __future__ import annotations
@@ -117,15 +123,25 @@ def save_torch(path: Path, obj: Any) -> None:
         raise
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The stored dict of a `model.pt` (`format`, `state_dict`, `meta`), loaded with
-    weights_only (no code from the file runs).
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded `model.pt`: the weights and what they are (`meta`)."""
+
+    meta: ModelMeta
+    state_dict: dict[str, torch.Tensor]
+
+
+def load_checkpoint(path: Path | str) -> Checkpoint:
+    """A `model.pt` (`format`, `state_dict`, `meta`), loaded with weights_only (no code from
+    the file runs).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: saying what the file is instead (a TorchScript export, a pickle that
-            wants to run code, a plain state dict, something else) and what medpipe expects.
+            wants to run code, a plain state dict, something else) and what medpipe expects;
+            or naming the keys its meta lacks.
     """
+    path = Path(path)
     expected = "medpipe expects the model.pt that `medpipe train` writes (weights + meta)"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model checkpoint not found (run `medpipe train`)")
@@ -149,7 +165,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"only, never running code from the file; {expected}."
         ) from None
     if isinstance(blob, dict) and {"state_dict", "meta"} <= set(blob):
-        return blob
+        return Checkpoint(ModelMeta.from_dict(blob["meta"], str(path)), blob["state_dict"])
     if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
         raise ValueError(
             f"{path}: a plain state dict (weights only, without the classes, input size and "

@@ -10,29 +10,21 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from stages.lib import paths
+from stages.lib import metric_registry, paths
 from stages.lib.page import class_curves, interval
 
-# column order of the per-class and per-group tables (counts first; others after, as stored)
-TABLE_ORDER = (
-    "n",
-    "support",
-    "precision",
-    "recall",
-    "f1",
-    "accuracy",
-    "balanced_accuracy",
-    "f1_macro",
-    "kappa",
-    "roc_auc",
-    "average_precision",
-)
+
+def table_order() -> tuple[str, ...]:
+    """Column order of the per-class and per-group tables: counts, the per-class figures,
+    the single-label metrics in registry order; others after, as stored."""
+    registered = metric_registry.summary_keys(multilabel=False)
+    return ("n", "support", "precision", "recall", "f1", *registered, "average_precision")
 
 
 def metric_table(rows: dict[str, dict], first: str) -> pd.DataFrame:
     """One row per entry of `rows` ({name: {metric: value, ..., "ci": {metric: [lo, hi]}}}),
     each metric that has an interval followed by its "95% CI" column."""
-    rank = {key: i for i, key in enumerate(TABLE_ORDER)}
+    rank = {key: i for i, key in enumerate(table_order())}
     records = []
     for name, values in rows.items():
         ci = values.get("ci", {})
@@ -49,23 +41,12 @@ def metric_table(rows: dict[str, dict], first: str) -> pd.DataFrame:
     return frame.fillna({c: "" for c in ci_columns})  # a metric without an interval
 
 
-HEADLINE = (
-    "accuracy",
-    "balanced_accuracy",
-    "f1_macro",
-    "f1_micro",
-    "precision_macro",
-    "recall_macro",
-    "kappa",
-    "roc_auc",
-    "hamming_loss",
-)
-
-
 def headline_table(result: dict) -> pd.DataFrame:
-    """One row per headline metric: value and its 95% interval."""
+    """One row per figure of the predictions (the registry's summary metrics, in its order):
+    value and its 95% interval."""
     ci = result.get("ci", {})
-    rows = [(k, result[k], *(ci.get(k) or ("", ""))) for k in HEADLINE if k in result]
+    keys = metric_registry.summary_keys()
+    rows = [(k, result[k], *(ci.get(k) or ("", ""))) for k in keys if k in result]
     return pd.DataFrame(rows, columns=["metric", "value", "CI low", "CI high"])
 
 
@@ -91,7 +72,7 @@ def curve_figures(
 ) -> tuple[go.Figure, go.Figure]:
     """One-vs-rest ROC and precision-recall curves, one trace per class."""
     roc = class_curves(
-        plots_dir / "roc", classes, "fpr", "tpr", lambda c: f"AUC {per_class[c]['roc_auc']:.3f}"
+        plots_dir, "roc", classes, "fpr", "tpr", lambda c: f"AUC {per_class[c]['roc_auc']:.3f}"
     )
     roc.add_scatter(x=[0, 1], y=[0, 1], name="chance", line={"dash": "dot", "color": "#999"})
     roc.update_layout(
@@ -101,7 +82,8 @@ def curve_figures(
         height=380,
     )
     pr = class_curves(
-        plots_dir / "pr",
+        plots_dir,
+        "pr",
         classes,
         "recall",
         "precision",

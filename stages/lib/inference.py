@@ -1,13 +1,16 @@
 """Inference: a loaded model as one object, batched prediction (optionally with test-time
-augmentation), the deployable module (pixels in, probabilities out) and latency."""
+augmentation), the exported end-to-end module (pixels in, probabilities out) and latency.
+
+`load_model` is `checkpoint.load_checkpoint` (the one reader of model.pt) plus a device
+choice and `models.build_from_checkpoint`: what every stage and tool scores with."""
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import pandas as pd
@@ -16,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.lib import paths
-from stages.lib.checkpoint import ModelMeta
-from stages.lib.io import ArrayRows, check_model_matches_data, read_processed, targets
-from stages.lib.models import load_checkpoint, memory_format, select_device
+from stages.lib.checkpoint import ModelMeta, load_checkpoint
+from stages.lib.io import ArrayRows, check_model_matches_data, read_processed
+from stages.lib.labels import targets
+from stages.lib.models import build_from_checkpoint, memory_format, select_device
 
 TTA_SHIFT = 1 / 32  # of the image side: 2 px at 64 px
 
@@ -98,8 +102,9 @@ def predict(
     return np.concatenate(out)
 
 
-class Deployable(nn.Module):
-    """The model as shipped: float pixel values 0..255 (B, C, S, S) in, probabilities out.
+class ExportedClassifier(nn.Module):
+    """The model as exported (model.ts, model.onnx): float pixel values 0..255 (B, C, S, S)
+    in, probabilities out.
 
     Normalisation and the output activation are inside, so an exported graph needs only
     `stages.lib.images.prepare_image` in front of it.
@@ -129,7 +134,7 @@ def measure_latency(
     """Median milliseconds of one batch-1 forward pass (normalisation + model + activation)
     after `warmup` untimed runs, on `device`."""
     size, channels = meta.input_size, meta.channels
-    module = Deployable(model, meta).to(device).eval()
+    module = ExportedClassifier(model, meta).to(device).eval()
     x = torch.rand(1, channels, size, size, device=device) * 255
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -141,7 +146,7 @@ def measure_latency(
         module(x)
         sync()
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return median(times)
 
 
 @dataclass
@@ -178,8 +183,10 @@ class ScoredSplit:
 def load_model(model_file: Path | str = paths.MODEL, device: str = "auto") -> LoadedModel:
     """The checkpoint on the chosen device (auto: CUDA, then MPS, then CPU)."""
     torch_device = select_device(device)
-    net, meta = load_checkpoint(model_file, torch_device)
-    return LoadedModel(net, meta, torch_device)
+    checkpoint = load_checkpoint(model_file)
+    return LoadedModel(
+        build_from_checkpoint(checkpoint, torch_device), checkpoint.meta, torch_device
+    )
 
 
 def read_split(model: LoadedModel, processed_dir: Path | str, split: str = "test") -> ScoredSplit:

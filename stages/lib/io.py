@@ -26,6 +26,7 @@ import pandas as pd
 
 from stages.lib import paths
 from stages.lib.errors import MissingItem
+from stages.lib.labels import encode_labels
 
 MANIFEST_COLUMNS = ("image", "label", "patient_id", "source_split")
 OPTIONAL_COLUMNS = ("group", "mask")
@@ -435,9 +436,9 @@ def _whole_file(array: np.ndarray) -> np.memmap | None:
 def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Memory-mapped (N, S, S, C) uint8 images, the index frame with a `y` column, and meta."""
     processed_dir = Path(processed_dir)
-    meta = read_json(processed_dir / "meta.json")
-    frame = read_csv(processed_dir / f"{split}.csv", required=("image", "label"))
-    images = np.load(processed_dir / f"{split}_images.npy", mmap_mode="r")
+    meta = read_json(processed_dir / paths.PROCESSED_META_NAME)
+    frame = read_csv(paths.split_table(processed_dir, split), required=("image", "label"))
+    images = np.load(paths.split_images(processed_dir, split), mmap_mode="r")
     if len(images) != len(frame):
         raise ValueError(
             f"{processed_dir}: {split} has {len(images)} images but "
@@ -451,9 +452,6 @@ def read_processed(processed_dir: Path | str, split: str) -> tuple[np.ndarray, p
     return images, frame, meta
 
 
-LABEL_SEPARATOR = "|"
-
-
 def check_model_matches_data(model_meta: dict, data_meta: dict, processed_dir: Path | str) -> None:
     """A model must be scored on data with its own classes, in its order, and task."""
     for key in ("classes", "task"):
@@ -462,35 +460,3 @@ def check_model_matches_data(model_meta: dict, data_meta: dict, processed_dir: P
                 f"{processed_dir}: {key} {data_meta.get(key)} differ from the model's "
                 f"{model_meta.get(key)}; rerun `medpipe train` (or `dvc repro`)"
             )
-
-
-def targets(frame: pd.DataFrame, meta: dict) -> np.ndarray:
-    """What a model is scored against, from a `read_processed` frame: class indices (N,), or
-    an (N, K) multi-hot matrix for multi-label tasks (classes in `meta["classes"]` order)."""
-    if meta.get("task") == "multilabel":
-        return encode_labels(frame["label"], meta["classes"], True)
-    return frame["y"].to_numpy(copy=True)  # writable: becomes tensors
-
-
-def encode_labels(labels: pd.Series, classes: list[str], multilabel: bool) -> np.ndarray:
-    """Class names -> int indices (N,), or `|`-joined names -> multi-hot float32 (N, K)."""
-    lookup = {name: k for k, name in enumerate(classes)}
-    if not multilabel:
-        unknown = sorted(set(labels) - set(lookup))
-        if unknown:
-            raise ValueError(f"labels {unknown} not in classes {classes}")
-        return labels.map(lookup).to_numpy(dtype=np.int64)
-    out = np.zeros((len(labels), len(classes)), np.float32)
-    for i, value in enumerate(labels):
-        for name in filter(None, str(value).split(LABEL_SEPARATOR)):
-            if name not in lookup:
-                raise ValueError(f"label {name!r} not in classes {classes}")
-            out[i, lookup[name]] = 1.0
-    return out
-
-
-def count_classes(labels: pd.Series, classes: list[str], multilabel: bool) -> dict[str, int]:
-    """Images per class (for multi-label: images where the class is positive)."""
-    encoded = encode_labels(labels, classes, multilabel)
-    counts = encoded.sum(axis=0) if multilabel else np.bincount(encoded, minlength=len(classes))
-    return {c: int(n) for c, n in zip(classes, counts, strict=True)}

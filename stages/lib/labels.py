@@ -1,5 +1,7 @@
-"""The positive class of a binary task: the one whose probability is thresholded and whose
-sensitivity, specificity, PPV and NPV are reported.
+"""Labels: class names encoded as model targets (class indices, or multi-hot rows for
+multi-label tasks, `|`-joined in the manifests), multi-label "no finding" as the empty label
+set, and the positive class of a binary task: the one whose probability is thresholded and
+whose sensitivity, specificity, PPV and NPV are reported.
 
 Sorting the class names cannot decide it: MURA's `['abnormal', 'normal']` would make
 "normal" the positive class. The rule here: `data.positive_class` when given; else the
@@ -14,7 +16,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from stages.lib.io import LABEL_SEPARATOR
+LABEL_SEPARATOR = "|"  # joins the labels of a multi-label image: "Effusion|Mass"
 
 # whole words (so "abnormal" is not "normal"); multi-word names are matched as phrases
 NEGATIVE_WORDS = frozenset(
@@ -105,3 +107,35 @@ def drop_no_finding(labels: pd.Series, named: str | None = None) -> tuple[pd.Ser
         lambda s: LABEL_SEPARATOR.join(n for n in s.split(LABEL_SEPARATOR) if n not in empty)
     )
     return cleaned, empty
+
+
+def targets(frame: pd.DataFrame, meta: dict) -> np.ndarray:
+    """What a model is scored against, from a `read_processed` frame: class indices (N,), or
+    an (N, K) multi-hot matrix for multi-label tasks (classes in `meta["classes"]` order)."""
+    if meta.get("task") == "multilabel":
+        return encode_labels(frame["label"], meta["classes"], True)
+    return frame["y"].to_numpy(copy=True)  # writable: becomes tensors
+
+
+def encode_labels(labels: pd.Series, classes: list[str], multilabel: bool) -> np.ndarray:
+    """Class names -> int indices (N,), or `|`-joined names -> multi-hot float32 (N, K)."""
+    lookup = {name: k for k, name in enumerate(classes)}
+    if not multilabel:
+        unknown = sorted(set(labels) - set(lookup))
+        if unknown:
+            raise ValueError(f"labels {unknown} not in classes {classes}")
+        return labels.map(lookup).to_numpy(dtype=np.int64)
+    out = np.zeros((len(labels), len(classes)), np.float32)
+    for i, value in enumerate(labels):
+        for name in filter(None, str(value).split(LABEL_SEPARATOR)):
+            if name not in lookup:
+                raise ValueError(f"label {name!r} not in classes {classes}")
+            out[i, lookup[name]] = 1.0
+    return out
+
+
+def count_classes(labels: pd.Series, classes: list[str], multilabel: bool) -> dict[str, int]:
+    """Images per class (for multi-label: images where the class is positive)."""
+    encoded = encode_labels(labels, classes, multilabel)
+    counts = encoded.sum(axis=0) if multilabel else np.bincount(encoded, minlength=len(classes))
+    return {c: int(n) for c, n in zip(classes, counts, strict=True)}

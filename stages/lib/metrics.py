@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
-MULTILABEL_KEYS = ("accuracy", "f1_macro", "f1_micro", "roc_auc")
 CLASS_CI_KEYS = ("precision", "recall", "f1")
+
+# A metric's function: labels and predictions -> one float. Single-label: y_true (N,)
+# class indices, y_pred (N,) the argmax, probs (N, K). Multi-label: y_true and y_pred (N, K)
+# 0/1 (a label predicted at probability >= threshold), probs (N, K).
+MetricFunction = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
 
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -23,27 +27,41 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
     return float(skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro"))
 
 
-def summarize(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Headline metrics of predicted class probabilities (N, K) against labels (N,)."""
+def _macro(score: Callable, **kwargs: object) -> MetricFunction:
+    """A scikit-learn score averaged over all K classes (labels absent from both sides too)."""
+
+    def compute(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray) -> float:
+        labels = np.arange(probs.shape[1])
+        return score(y_true, y_pred, labels=labels, average="macro", zero_division=0, **kwargs)
+
+    return compute
+
+
+# the figures of `summarize`, in the order of metrics/evaluate.json; each one registered in
+# `stages.lib.metric_registry` (tests/test_registry.py checks both agree)
+SINGLE_LABEL: dict[str, MetricFunction] = {
+    "accuracy": lambda y_true, y_pred, _: skm.accuracy_score(y_true, y_pred),
+    "balanced_accuracy": lambda y_true, y_pred, _: skm.balanced_accuracy_score(y_true, y_pred),
+    "f1_macro": _macro(skm.f1_score),
+    "precision_macro": _macro(skm.precision_score),
+    "recall_macro": _macro(skm.recall_score),
+    "kappa": lambda y_true, y_pred, probs: skm.cohen_kappa_score(
+        y_true, y_pred, labels=np.arange(probs.shape[1])
+    ),
+    "roc_auc": lambda y_true, _, probs: roc_auc(y_true, probs),
+}
+
+
+def summarize(
+    y_true: np.ndarray, probs: np.ndarray, keys: Iterable[str] | None = None
+) -> dict[str, float]:
+    """Headline metrics of predicted class probabilities (N, K) against labels (N,): every
+    figure of SINGLE_LABEL, or those of `keys`."""
     y_pred = probs.argmax(axis=1)
-    labels = np.arange(probs.shape[1])
+    chosen = SINGLE_LABEL if keys is None else {k: SINGLE_LABEL[k] for k in keys}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # undefined precision on empty predictions -> 0
-        return {
-            "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-            "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
-            "f1_macro": float(
-                skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-            ),
-            "precision_macro": float(
-                skm.precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-            ),
-            "recall_macro": float(
-                skm.recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-            ),
-            "kappa": float(skm.cohen_kappa_score(y_true, y_pred, labels=labels)),
-            "roc_auc": roc_auc(y_true, probs),
-        }
+        return {k: float(f(y_true, y_pred, probs)) for k, f in chosen.items()}
 
 
 def per_class(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, dict]:
@@ -77,6 +95,44 @@ def _ranking(positives: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 # --- multi-label: targets (N, K) multi-hot, probs (N, K) independent sigmoids ---------------
 
 
+def _present(y_true: np.ndarray) -> list[int]:
+    """The labels (columns) that have both positives and negatives."""
+    return [k for k in range(y_true.shape[1]) if 0 < y_true[:, k].sum() < len(y_true)]
+
+
+def _label_mean(score: Callable[[np.ndarray, np.ndarray], float]) -> MetricFunction:
+    """A binary score averaged over the labels present both ways (NaN if none is)."""
+
+    def compute(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray) -> float:
+        values = [score(y_true[:, k], y_pred[:, k]) for k in _present(y_true)]
+        return float(np.mean(values)) if values else float("nan")
+
+    return compute
+
+
+def _label_auc(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray) -> float:
+    aucs = [_ranking(y_true[:, k] == 1, probs[:, k])["roc_auc"] for k in range(y_true.shape[1])]
+    return float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
+
+
+def _averaged(score: Callable, average: str) -> MetricFunction:
+    return lambda y_true, y_pred, _: score(y_true, y_pred, average=average, zero_division=0)
+
+
+# the figures of `summarize_multilabel`, in the order of metrics/evaluate.json
+MULTI_LABEL: dict[str, MetricFunction] = {
+    "accuracy": lambda y_true, y_pred, _: skm.accuracy_score(y_true, y_pred),  # exact match
+    "balanced_accuracy": _label_mean(skm.balanced_accuracy_score),
+    "f1_macro": _averaged(skm.f1_score, "macro"),
+    "f1_micro": _averaged(skm.f1_score, "micro"),
+    "precision_macro": _averaged(skm.precision_score, "macro"),
+    "recall_macro": _averaged(skm.recall_score, "macro"),
+    "kappa": _label_mean(skm.cohen_kappa_score),
+    "hamming_loss": lambda y_true, y_pred, _: skm.hamming_loss(y_true, y_pred),
+    "roc_auc": _label_auc,
+}
+
+
 def summarize_multilabel(
     y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5
 ) -> dict[str, float]:
@@ -89,29 +145,7 @@ def summarize_multilabel(
     y_true = y_true.astype(int)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        balanced = [
-            skm.balanced_accuracy_score(y_true[:, k], y_pred[:, k])
-            for k in range(y_true.shape[1])
-            if 0 < y_true[:, k].sum() < len(y_true)
-        ]
-        present = [k for k in range(y_true.shape[1]) if 0 < y_true[:, k].sum() < len(y_true)]
-        kappas = [skm.cohen_kappa_score(y_true[:, k], y_pred[:, k]) for k in present]
-        aucs = [_ranking(y_true[:, k] == 1, probs[:, k])["roc_auc"] for k in range(y_true.shape[1])]
-        return {
-            "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-            "balanced_accuracy": float(np.mean(balanced)) if balanced else float("nan"),
-            "f1_macro": float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "f1_micro": float(skm.f1_score(y_true, y_pred, average="micro", zero_division=0)),
-            "precision_macro": float(
-                skm.precision_score(y_true, y_pred, average="macro", zero_division=0)
-            ),
-            "recall_macro": float(
-                skm.recall_score(y_true, y_pred, average="macro", zero_division=0)
-            ),
-            "kappa": float(np.mean(kappas)) if kappas else float("nan"),
-            "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
-            "roc_auc": float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan"),
-        }
+        return {k: float(f(y_true, y_pred, probs)) for k, f in MULTI_LABEL.items()}
 
 
 def per_label(

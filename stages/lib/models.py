@@ -1,4 +1,5 @@
-"""Models: timm factory, offline pretrained weights, device choice, checkpoints and inference."""
+"""Models: timm factory, offline pretrained weights, device choice, checkpoints saved and their
+networks rebuilt, Ensemble."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from timm.models import load_pretrained
 from torch import nn
 
 from stages.lib.catalog import block_names
-from stages.lib.checkpoint import CHECKPOINT_FORMAT, ModelMeta, read_checkpoint, save_torch
+from stages.lib.checkpoint import CHECKPOINT_FORMAT, Checkpoint, ModelMeta, save_torch
 from stages.lib.io import atomic_path
 from stages.lib.params import ModelParams
 
@@ -368,13 +369,9 @@ def build_architecture(meta: ModelMeta) -> nn.Module:
     return one()
 
 
-def load_checkpoint(
-    path: Path | str, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, ModelMeta]:
-    """Rebuild the model from `model.pt` (weights_only: no code runs on load)."""
-    path = Path(path)
-    blob = read_checkpoint(path)
-    meta = ModelMeta.from_dict(blob["meta"], str(path))
-    model = build_architecture(meta)
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), meta
+def build_from_checkpoint(checkpoint: Checkpoint, device: torch.device | str = "cpu") -> nn.Module:
+    """The checkpoint's network with its trained weights, in eval mode on `device` (read the
+    file with `checkpoint.load_checkpoint`)."""
+    model = build_architecture(checkpoint.meta)
+    model.load_state_dict(checkpoint.state_dict)
+    return model.to(device).eval()

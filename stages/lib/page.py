@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from stages.lib import paths
 from stages.lib.io import safe_name
 
 CSS = """
@@ -67,12 +68,13 @@ class Page:
 
 
 def class_curves(
-    folder: Path, classes: list[str], x: str, y: str, label: Callable[[str], str]
+    plots_dir: Path, kind: str, classes: list[str], x: str, y: str, label: Callable[[str], str]
 ) -> go.Figure:
-    """One line per class from `folder/<class>.csv` (classes without a file are left out)."""
+    """One line per class from its `kind` curve file in `plots_dir` (paths.curve_file;
+    classes without a file are left out)."""
     fig = go.Figure()
     for c in classes:
-        path = folder / f"{safe_name(c)}.csv"
+        path = paths.curve_file(plots_dir, kind, safe_name(c))
         if path.is_file():
             curve = pd.read_csv(path)
             fig.add_scatter(x=curve[x], y=curve[y], name=f"{c} ({label(c)})")

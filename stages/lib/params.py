@@ -14,9 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.lib import catalog, paths
+from stages.lib import catalog, metric_registry, paths
 
 SYNTHETIC_CLASSES = ("normal", "bacterial", "viral")
+MONITORS = metric_registry.monitor_choices()  # val_loss, then val_<metric> (the registry)
 # Marks a key that says where or how fast, not what: changing it cannot change a result, so
 # no stage depends on it in dvc.yaml (tests/test_layout.py derives the deps from this mark).
 OPERATIONAL: dict[str, Any] = {"operational": True}
@@ -175,6 +176,21 @@ class CsvColumns(Section):
     )
 
 
+# data.* keys each source reads besides data.source and data.positive_class (the builders of
+# the download stage); url reads its archive as a folder or a csv
+_FOLDER_KEYS = ("path", "follow_links", "patient_regex")
+_CSV_KEYS = ("path", "root", "columns", "follow_links", "no_finding")
+_DOWNLOAD_KEYS = ("mirror", "cache", "retries")
+SOURCE_KEYS: dict[str, tuple[str, ...]] = {
+    "synthetic": ("synthetic",),
+    "medmnist": ("flag", "size", *_DOWNLOAD_KEYS),
+    "npz": ("path",),
+    "folder": _FOLDER_KEYS,
+    "csv": _CSV_KEYS,
+    "url": ("url", "sha256", "max_extract_mb", *_DOWNLOAD_KEYS, *_FOLDER_KEYS, *_CSV_KEYS),
+}
+
+
 class DataParams(Section):
     source: Literal["synthetic", "medmnist", "npz", "folder", "csv", "url"] = Field(
         "synthetic",
@@ -282,6 +298,12 @@ class DataParams(Section):
                     f"(got {self.flag!r})"
                 )
         return self
+
+    def in_effect(self) -> tuple[str, ...]:
+        """The keys the chosen source reads, in schema order: a run from an .npz file reads
+        data.path, never data.synthetic (the report shows only these)."""
+        used = {"source", "positive_class", *SOURCE_KEYS[self.source]}
+        return tuple(k for k in type(self).model_fields if k in used)
 
 
 class SplitParams(Section):
@@ -526,9 +548,7 @@ class TrainParams(Section):
         "e.g. 0.998; 0 = off). Both the raw and the averaged weights are validated every epoch; "
         "the better one on monitor is kept.",
     )
-    monitor: Literal[
-        "val_loss", "val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_roc_auc"
-    ] = Field(
+    monitor: Literal[MONITORS] = Field(
         "val_f1_macro",
         description="Validation metric for early stopping, best epoch and the plateau "
         "schedule (multilabel: val_roc_auc is the macro AUC over labels).",

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.lib import paths
 from stages.lib.images import read_image, thumbnail
-from stages.lib.io import LABEL_SEPARATOR, SPLITS, count_classes
+from stages.lib.io import SPLITS
+from stages.lib.labels import LABEL_SEPARATOR, count_classes
 from stages.lib.params import SplitParams
 
 # RMS difference (0-255) of 16x16 thumbnails: the same picture at or below this. Tuned on the
@@ -164,7 +166,7 @@ def copies_of_earlier(cluster: np.ndarray, column: pd.Series) -> pd.Series:
 
 def load_thumbnails(raw_dir: Path, manifest: pd.DataFrame) -> np.ndarray:
     """(N, 16, 16) thumbnails from the download stage, or computed from the images."""
-    path = raw_dir / "thumbnails.npy"
+    path = raw_dir / paths.THUMBNAILS_NAME
     if not path.is_file():  # a manifest written by hand or by an older download stage
         return np.stack([thumbnail(read_image(raw_dir, ref)) for ref in manifest["image"]])
     thumbs = np.load(path)

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from stages.lib import paths
-from stages.lib.metrics import SUMMARY_KEYS
+from stages.lib.metric_registry import compared_keys
 
 # sections that never change a model or its test predictions
 NOT_RECIPE = ("report", "embed", "explain", "export")
@@ -80,7 +80,7 @@ class Spread:
 
 def summary(recipe: dict[str, Any], rows: list[dict[str, Any]], seconds: float) -> dict:
     figures = pd.DataFrame(rows)
-    keys = [k for k in SUMMARY_KEYS if k in figures]
+    keys = [k for k in compared_keys() if k in figures]
     return {
         "recipe": recipe,
         "k": len(rows),

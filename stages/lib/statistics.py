@@ -6,7 +6,8 @@ images; it is written as a matrix of multiplicities `counts` (R resamples, N ima
 every metric is computed for all resamples at once from weighted confusion matrices and
 weighted Mann-Whitney statistics, instead of one scikit-learn call per resample. The
 weighted metrics equal `stages.lib.metrics.summarize` on the repeated images
-(tests/test_statistics.py checks it against scikit-learn).
+(tests/test_statistics.py checks it against scikit-learn). A registered metric without a
+weighted form here is computed on the repeated images (slower, same figures).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from scipy import stats
 from sklearn import metrics as skm
 from tqdm import tqdm
 
-from stages.lib.metrics import CLASS_CI_KEYS, SUMMARY_KEYS, summarize
+from stages.lib import metric_registry, metrics
+from stages.lib.metrics import CLASS_CI_KEYS, summarize
 
 CHUNK_RESAMPLES = 250  # resamples per block: bounds memory at ~CHUNK * N * 8 bytes per array
 
@@ -146,26 +148,36 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.nd
     return np.mean(per_class, axis=0)  # NaN propagates, as in metrics.roc_auc
 
 
+# the metrics with a weighted form (the fast path); any other figure of `metrics.summarize`
+# is computed on the repeated images
 CONFUSION_METRICS = {
     "accuracy": accuracy,
     "balanced_accuracy": balanced_accuracy,
     "f1_macro": f1_macro,
     "kappa": kappa,
 }
-BOOTSTRAP_KEYS = (*CONFUSION_METRICS, "roc_auc")
+
+
+def _metric_keys(keys: tuple[str, ...] | None) -> tuple[str, ...]:
+    """`keys`, or by default the metrics the registry gives a single-label interval."""
+    return metric_registry.interval_keys(multilabel=False) if keys is None else tuple(keys)
 
 
 def summarize_weighted(
-    y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray, keys: tuple[str, ...] = SUMMARY_KEYS
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    weights: np.ndarray,
+    keys: tuple[str, ...] | None = None,
 ) -> dict[str, np.ndarray]:
     """`metrics.summarize` of each weighted sample: {key: (R,)} for weights (R, N).
 
     Integer weights are multiplicities: the result equals `summarize` on the images
-    repeated that often.
+    repeated that often. `keys` default to the registry's single-label interval metrics.
     """
-    unknown = sorted(set(keys) - set(BOOTSTRAP_KEYS))
+    keys = _metric_keys(keys)
+    unknown = sorted(set(keys) - set(metrics.SINGLE_LABEL))
     if unknown:
-        raise ValueError(f"unknown metric keys {unknown}; choose from {list(BOOTSTRAP_KEYS)}")
+        raise ValueError(f"unknown metric keys {unknown}; choose from {list(metrics.SINGLE_LABEL)}")
     weights = np.atleast_2d(weights).astype(np.float64)
     values = {}
     if set(keys) & set(CONFUSION_METRICS):
@@ -174,7 +186,26 @@ def summarize_weighted(
         values = {k: f(confusion) for k, f in CONFUSION_METRICS.items() if k in keys}
     if "roc_auc" in keys:
         values["roc_auc"] = roc_auc(y_true, probs, weights)
+    for key in keys:
+        if key not in values:
+            values[key] = repeated_metric(key, y_true, probs, weights)
     return {k: values[k] for k in keys}
+
+
+def repeated_metric(
+    key: str, y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """`metrics.summarize`'s `key` for each weight vector (R, N) -> (R,), on the images
+    repeated as often as their weight: the slow path of a metric with no weighted form."""
+    counts = weights.astype(np.int64)
+    if not np.array_equal(counts, weights):
+        raise ValueError(f"{key} has no weighted form here: its weights must be whole counts")
+    order = np.arange(len(y_true))
+    values = []
+    for row in counts:
+        idx = np.repeat(order, row)
+        values.append(summarize(y_true[idx], probs[idx], (key,))[key])
+    return np.asarray(values, dtype=np.float64)
 
 
 # --- bootstrap intervals ------------------------------------------------------------------
@@ -223,9 +254,6 @@ def patient_groups(patient_ids: np.ndarray | None) -> np.ndarray | None:
     return ids if len(np.unique(ids)) < len(ids) else None
 
 
-CLASS_KEYS = ("precision", "recall", "f1")
-
-
 def class_intervals(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -239,7 +267,7 @@ def class_intervals(
     n_classes = probs.shape[1]
     counts = cluster_bootstrap_counts(groups, len(y_true), n_resamples, seed)
     pred = probs.argmax(axis=1)
-    draws: dict[str, list[np.ndarray]] = {k: [] for k in CLASS_KEYS}
+    draws: dict[str, list[np.ndarray]] = {k: [] for k in CLASS_CI_KEYS}
     for start in range(0, len(counts), CHUNK_RESAMPLES):
         confusion = confusion_matrices(
             y_true, pred, counts[start : start + CHUNK_RESAMPLES], n_classes
@@ -252,7 +280,7 @@ def class_intervals(
     stacked = {k: np.concatenate(v) for k, v in draws.items()}
     intervals = []
     for k in range(n_classes):
-        cells = {m: percentile_interval(stacked[m][:, k]) for m in CLASS_KEYS}
+        cells = {m: percentile_interval(stacked[m][:, k]) for m in CLASS_CI_KEYS}
         intervals.append({m: ci for m, ci in cells.items() if ci is not None})
     return intervals
 
@@ -263,7 +291,7 @@ def bootstrap_metrics(
     groups: np.ndarray | None,
     n_resamples: int,
     seed: int,
-    keys: tuple[str, ...] = SUMMARY_KEYS,
+    keys: tuple[str, ...] | None = None,
 ) -> dict[str, list[float]]:
     """Percentile 95% intervals {key: [lo, hi]} over patient (cluster) bootstrap resamples.
 
@@ -274,10 +302,12 @@ def bootstrap_metrics(
             `resampling_unit(groups)` names the unit for a report.
         n_resamples: number of bootstrap resamples.
         seed: seed of the resampling; the same seed gives the same intervals.
-        keys: metrics among BOOTSTRAP_KEYS. A key undefined in every resample (e.g. AUC
-            with a class absent from the test set) is left out, as in `bootstrap_ci`.
+        keys: figures of `metrics.summarize`; default: the registry's single-label interval
+            metrics. A key undefined in every resample (e.g. AUC with a class absent from
+            the test set) is left out, as in `bootstrap_ci`.
     """
     y_true = check_labels(y_true, probs)
+    keys = _metric_keys(keys)
     counts = cluster_bootstrap_counts(groups, len(y_true), n_resamples, seed)
     draws = resampled_metrics(y_true, probs, counts, keys)
     intervals = {k: percentile_interval(v) for k, v in draws.items()}
@@ -291,7 +321,7 @@ def paired_bootstrap_difference(
     groups: np.ndarray | None,
     n_resamples: int,
     seed: int,
-    keys: tuple[str, ...] = SUMMARY_KEYS,
+    keys: tuple[str, ...] | None = None,
     level: float = 0.95,
 ) -> dict[str, dict]:
     """Head minus base on the same test images, with a paired 95% interval per metric.
@@ -321,7 +351,7 @@ def paired_bootstrap_draws(
     groups: np.ndarray | None,
     n_resamples: int,
     seed: int,
-    keys: tuple[str, ...] = SUMMARY_KEYS,
+    keys: tuple[str, ...] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Several trainings a side (seeds), scored on the same test images and resamples.
 
@@ -333,6 +363,7 @@ def paired_bootstrap_draws(
     if len(shapes) != 1:
         raise ValueError(f"the trainings' probabilities differ in shape: {sorted(shapes)}")
     y_true = check_labels(y_true, base_members[0])
+    keys = _metric_keys(keys)
     whole = np.ones((1, len(y_true)))
     counts = cluster_bootstrap_counts(groups, len(y_true), n_resamples, seed)
     values, means = {}, {}
@@ -446,13 +477,15 @@ def bootstrap_ci(
     probs: np.ndarray,
     n_resamples: int,
     seed: int,
-    keys: tuple[str, ...] = SUMMARY_KEYS,
+    keys: tuple[str, ...] | None = None,
     summary: Callable[[np.ndarray, np.ndarray], dict[str, float]] = summarize,
     groups: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     """Percentile 95% intervals of any `summary` over patient resamples (images when
     `groups` is None), one call per resample: for what has no weighted form here
-    (multi-label figures). Single-label headline figures: `bootstrap_metrics` (vectorised)."""
+    (multi-label figures). Single-label headline figures: `bootstrap_metrics` (vectorised).
+    `keys` default to the registry's single-label interval metrics."""
+    keys = _metric_keys(keys)
     counts = cluster_bootstrap_counts(groups, len(y_true), n_resamples, seed)
     order = np.arange(len(y_true))
     draws: dict[str, list[float]] = {k: [] for k in keys}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +27,60 @@ from stages.lib import metrics, runtime
 from stages.lib.augment import BatchAugment
 from stages.lib.checkpoint import ModelMeta
 from stages.lib.inference import iter_batches, predict
-from stages.lib.io import ArrayRows, read_processed, targets
+from stages.lib.io import ArrayRows, read_processed
+from stages.lib.labels import targets
+from stages.lib.metric_registry import monitor_higher_is_better
 from stages.lib.models import head_names, memory_format, select_device, trainable_parameters
 from stages.lib.optim import LRSchedule, build_loss, build_optimizer, build_sampler
-from stages.lib.params import AugmentParams, TrainParams
+from stages.lib.params import AugmentParams, ModelParams, TrainParams
 from stages.lib.runtime import DistInfo
 
 AUG_SEED = 7919  # offset of the augmentation generator's seed from train.seed
 
 
-# Progress fields, in order
-PROGRESS_KEYS = ("history", "best", "best_state", "stale", "smoothed", "best_smoothed")
+# EarlyStopping fields saved in the resume checkpoint, in order
+EARLY_STOPPING_KEYS = ("history", "best", "best_state", "stale", "smoothed", "best_smoothed")
 EMA_WARMUP_POWER = 0.75  # ModelEmaV3 warm-up for runs of thousands of steps (timm's advice)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one training run trains and how: the model, train and augment sections, handed
+    whole from `train.run` down to the loader, the optimiser and the schedule."""
+
+    model: ModelParams
+    train: TrainParams
+    augment: AugmentParams
+
+    @property
+    def body_lr_scale(self) -> float:
+        """The backbone's lr factor after `model.freeze_epochs` (1: no freezing)."""
+        return self.train.unfreeze_lr_factor if self.model.freeze_epochs else 1.0
+
+    def for_member(self, k: int) -> Recipe:
+        """Member `k` of a `train.ensemble`: its own seed (seed + k), trained as one model."""
+        update = {"seed": self.train.seed + k, "ensemble": 1}
+        return replace(self, train=self.train.model_copy(update=update))
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a training runs and what it reports to, apart from the recipe.
+
+    `live`: DVCLive (rank 0 only). `resume_file`/`run_id`: the per-epoch resume checkpoint
+    and the fingerprint a saved state must match. `on_epoch(history)`: runs on rank 0 after
+    every epoch; a message it returns stops training. `resume_extra`: saved with every state
+    (an ensemble's finished members and this member's index). `final` False leaves the resume
+    file for the caller to close (the ensemble's next member).
+    """
+
+    live: Live | None = None
+    resume_file: Path | None = None
+    run_id: str = ""
+    info: DistInfo = field(default_factory=DistInfo)
+    on_epoch: Callable[[list[dict]], str | None] | None = None
+    resume_extra: dict | None = None
+    final: bool = True
 
 
 POLICIES = {
@@ -55,8 +97,11 @@ def build_transform(aug: AugmentParams) -> nn.Module | None:
     return POLICIES[aug.policy]() if aug.policy != "none" else None
 
 
-def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """collate_fn for datasets that return whole batches (`__getitems__`)."""
+def identity_collate(
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """collate_fn that passes the batch through: `ArrayDataset.__getitems__` already returns
+    the stacked (x, y), which the default collate would take for two samples to stack."""
     return batch
 
 
@@ -140,7 +185,7 @@ def build_loader(
         sampler=sampler,
         drop_last=True,
         generator=generator,
-        collate_fn=keep_batch,
+        collate_fn=identity_collate,
         num_workers=params.num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,  # fresh workers seeded from `generator` each epoch: resumable
@@ -200,7 +245,7 @@ class Batches:
 
 
 @dataclass
-class Progress:
+class EarlyStopping:
     """History, best epoch and early-stopping state so far: what a resumed run must get back.
 
     Every epoch offers one or more sets of weights (the raw ones and, with `train.ema`, their
@@ -221,7 +266,7 @@ class Progress:
     def value(self, row: dict, prefix: str = "") -> float:
         """The monitored metric of `prefix` weights, higher = better (NaN counts as worst)."""
         value = row[prefix + self.monitor]
-        value = -value if self.monitor == "val_loss" else value
+        value = value if monitor_higher_is_better(self.monitor) else -value
         return -np.inf if np.isnan(value) else value
 
     def candidates(self, row: dict) -> dict[str, float]:
@@ -289,25 +334,18 @@ def wrap_model(
     return torch.compile(net) if params.compile else net
 
 
-def restore(
-    state: dict,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: LRSchedule,
-    generators: tuple[torch.Generator, ...],
-    info: DistInfo,
-    ema: ModelEmaV3 | None = None,
-) -> Progress:
-    """Load a resume checkpoint into the training objects; return the progress it holds."""
-    model.load_state_dict(state["model"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["schedule"])
-    runtime.set_rng_state(state["rng"][info.rank], *generators)
-    progress = Progress(sched.params.monitor, *(state[k] for k in PROGRESS_KEYS))
-    progress.smoothing = sched.params.monitor_smoothing
-    return progress
+def restore(state: dict, trainer: Trainer, info: DistInfo) -> EarlyStopping:
+    """Load a resume checkpoint into the training objects; return the stopping state it holds."""
+    t = trainer
+    t.model.load_state_dict(state["model"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema"])
+    t.opt.load_state_dict(state["optimizer"])
+    t.sched.load_state_dict(state["schedule"])
+    runtime.set_rng_state(state["rng"][info.rank], *t.generators)
+    stopping = EarlyStopping(t.sched.params.monitor, *(state[k] for k in EARLY_STOPPING_KEYS))
+    stopping.smoothing = t.sched.params.monitor_smoothing
+    return stopping
 
 
 @dataclass
@@ -374,12 +412,11 @@ def build_trainer(
     model: nn.Module,
     train: tuple[np.ndarray, np.ndarray],
     meta: ModelMeta,
-    params: TrainParams,
-    aug: AugmentParams,
-    freeze_epochs: int,
+    recipe: Recipe,
     info: DistInfo,
 ) -> Trainer:
     """Device, seeded generators, batches, loader, loss, optimiser and schedule."""
+    params, aug = recipe.train, recipe.augment
     device = runtime.init_distributed(info, select_device(params.device))
     mean, std = meta.normalization(device)
     generator = torch.Generator().manual_seed(params.seed + info.rank)  # order, workers
@@ -390,8 +427,7 @@ def build_trainer(
     dataset = ArrayDataset(train[0], train[1], build_transform(aug))
     loader = build_loader(dataset, params, generator, info, device.type == "cuda")
     loss_fn = build_loss(params, train[1], len(meta.classes)).to(device)
-    scale = params.unfreeze_lr_factor if freeze_epochs else 1.0
-    opt = build_optimizer(model, params, head_names(model), body_lr_scale=scale)
+    opt = build_optimizer(model, params, head_names(model), body_lr_scale=recipe.body_lr_scale)
     sched = LRSchedule(opt, params, len(loader))
     generators = (generator, augment.generator)
     np.random.seed(params.seed + info.rank)  # timm's Mixup draws from numpy's global stream
@@ -441,14 +477,45 @@ def run_epoch(
     return runtime.broadcast(row, info)
 
 
-def resume_state(trainer: Trainer, progress: Progress, rng: list, run_id: str, epoch: int) -> dict:
+def resume_state(
+    trainer: Trainer, stopping: EarlyStopping, rng: list, run_id: str, epoch: int
+) -> dict:
     """Everything a killed run needs to continue after `epoch`."""
     state = {"model": trainer.model.state_dict(), "optimizer": trainer.opt.state_dict()}
     if trainer.ema is not None:
         state["ema"] = trainer.ema.state_dict()
-    state |= {k: getattr(progress, k) for k in PROGRESS_KEYS}
+    state |= {k: getattr(stopping, k) for k in EARLY_STOPPING_KEYS}
     state |= {"schedule": trainer.sched.state_dict(), "rng": rng}
     return state | {"fingerprint": run_id, "epoch": epoch, "finished": False}
+
+
+def resume(trainer: Trainer, recipe: Recipe, context: RunContext) -> tuple[EarlyStopping, int]:
+    """The stopping state and first epoch: from a matching unfinished resume checkpoint, or
+    afresh. A saved state of another ensemble member is not continued here."""
+    params, ctx = recipe.train, context
+    stopping = EarlyStopping(params.monitor, smoothing=params.monitor_smoothing)
+    info, extra = ctx.info, ctx.resume_extra or {}
+    state = (
+        runtime.load_resume(ctx.resume_file, ctx.run_id, info.is_main) if ctx.resume_file else None
+    )
+    if state is None or "model" not in state or state.get("member") != extra.get("member"):
+        return stopping, 1  # between two members of an ensemble: this member starts afresh
+    stopping = restore(state, trainer, info)
+    for row in stopping.history:
+        log_row(ctx.live, row, params.monitor)
+    if info.is_main:
+        tqdm.write(f"resuming from {ctx.resume_file} after epoch {state['epoch']}")
+    return stopping, state["epoch"] + 1
+
+
+def epoch_line(row: dict, monitor: str, ema: bool) -> str:
+    """The one line printed after each epoch."""
+    averaged = f" (ema {row[f'ema_{monitor}']:.3f})" if ema else ""
+    return (
+        f"epoch {row['epoch']}: train_loss {row['train_loss']:.3f}  "
+        f"val_loss {row['val_loss']:.3f}  {monitor} {row[monitor]:.3f}"
+        f"{averaged}  {row['images_per_second']:.0f} img/s"
+    )
 
 
 def fit(
@@ -456,79 +523,51 @@ def fit(
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     meta: ModelMeta,
-    params: TrainParams,
-    aug: AugmentParams,
-    freeze_epochs: int,
-    live: Live | None = None,
-    *,
-    trainable_from: str | None = None,
-    resume_file: Path | None = None,
-    run_id: str = "",
-    info: DistInfo = DistInfo(),
-    on_epoch: Callable[[list[dict]], None] | None = None,
-    resume_extra: dict | None = None,
-    final: bool = True,
+    recipe: Recipe,
+    context: RunContext = RunContext(),
 ) -> tuple[dict, list[dict]]:
     """Train with early stopping; return the best state dict and the per-epoch history.
 
-    With `resume_file`, the state after every epoch is saved there and a matching
-    unfinished checkpoint (same `run_id`) is continued instead of starting over.
-    `on_epoch(history)` runs on rank 0 after every epoch (the live summary); a message it
-    returns stops training there (a search's pruner), with the best state so far.
-    `resume_extra` is saved with every state (an ensemble's finished members and the index
-    of this one: a state of another member is not continued here); `final` False leaves
-    the resume file for the caller to close (the ensemble's next member).
+    With `context.resume_file`, the state after every epoch is saved there and a matching
+    unfinished checkpoint (same `run_id`) is continued instead of starting over; a message
+    returned by `context.on_epoch` stops training there (a search's pruner), with the best
+    state so far.
     """
-    trainer = build_trainer(model, train, meta, params, aug, freeze_epochs, info)
-    progress, start = Progress(params.monitor, smoothing=params.monitor_smoothing), 1
-    extra = resume_extra or {}
-    state = runtime.load_resume(resume_file, run_id, info.is_main) if resume_file else None
-    if state is not None and ("model" not in state or state.get("member") != extra.get("member")):
-        state = None  # between two members of an ensemble: this member starts afresh
-    if state is not None:
-        t = trainer
-        progress = restore(state, model, t.opt, t.sched, t.generators, info, t.ema)
-        start = state["epoch"] + 1
-        for row in progress.history:
-            log_row(live, row, params.monitor)
-        if info.is_main:
-            tqdm.write(f"resuming from {resume_file} after epoch {start - 1}")
+    params, ctx, info = recipe.train, context, context.info
+    freeze_epochs, extra = recipe.model.freeze_epochs, context.resume_extra or {}
+    trainer = build_trainer(model, train, meta, recipe, info)
+    stopping, start = resume(trainer, recipe, ctx)
     phase = None
     for epoch in range(start, params.epochs + 1):
         if phase != (epoch <= freeze_epochs):  # head only, then the trainable blocks
             phase = epoch <= freeze_epochs
-            set_trainable(model, phase, trainable_from)
+            set_trainable(model, phase, recipe.model.trainable_from)
             net = wrap_model(model, params, info, trainer.device)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row = run_epoch(trainer, net, val, meta, params, epoch, info)
         row["trainable_params"] = trainable  # head only while frozen, then the blocks trained
-        log_row(live, row, params.monitor)
+        log_row(ctx.live, row, params.monitor)
         weights = {"raw": model} | ({"ema": trainer.ema.module} if trainer.ema else {})
-        progress.record(row, weights, keep_weights=info.is_main)
-        trainer.sched.step_epoch(progress.score(row))
-        finished = progress.stale >= params.patience or epoch == params.epochs
+        stopping.record(row, weights, keep_weights=info.is_main)
+        trainer.sched.step_epoch(stopping.score(row))
+        finished = stopping.stale >= params.patience or epoch == params.epochs
         rng = runtime.gather(runtime.rng_state(*trainer.generators), info)
-        if resume_file and info.is_main and not finished:
-            state = resume_state(trainer, progress, rng, run_id, epoch)
-            runtime.save_resume(resume_file, state | extra)
-        stop = on_epoch(progress.history) if info.is_main and on_epoch is not None else None
+        if ctx.resume_file and info.is_main and not finished:
+            state = resume_state(trainer, stopping, rng, ctx.run_id, epoch)
+            runtime.save_resume(ctx.resume_file, state | extra)
+        stop = None
+        if info.is_main and ctx.on_epoch is not None:
+            stop = ctx.on_epoch(stopping.history)
         stop = runtime.broadcast(stop, info)  # a pruned search trial stops on every rank
         if info.is_main:
-            ema = f" (ema {row[f'ema_{params.monitor}']:.3f})" if trainer.ema else ""
-            tqdm.write(
-                f"epoch {epoch}: train_loss {row['train_loss']:.3f}  "
-                f"val_loss {row['val_loss']:.3f}  {params.monitor} {row[params.monitor]:.3f}"
-                f"{ema}  {row['images_per_second']:.0f} img/s"
-            )
-        if stop:
-            if info.is_main:
+            tqdm.write(epoch_line(row, params.monitor, trainer.ema is not None))
+            if stop:
                 tqdm.write(stop)
+        if stop or finished:
             break
-        if finished:
-            break
-    if resume_file and info.is_main and final:  # a small marker: DVC expects the output
-        runtime.save_resume(resume_file, {"fingerprint": run_id, "finished": True})
-    return progress.best_state, progress.history
+    if ctx.resume_file and info.is_main and ctx.final:  # a small marker: DVC expects the output
+        runtime.save_resume(ctx.resume_file, {"fingerprint": ctx.run_id, "finished": True})
+    return stopping.best_state, stopping.history
 
 
 def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stages.lib import paths
+from stages.lib.metric_registry import monitor_higher_is_better
 from stages.lib.params import ParamsError, TrainParams, _format_error, parse_params, read_yaml
 
 ENV_STORAGE = "MEDPIPE_TUNE_STORAGE"
@@ -124,14 +125,16 @@ class SearchSpec(Strict):
 
     @model_validator(mode="after")
     def consistent(self) -> SearchSpec:
-        natural = "minimize" if self.metric == "val_loss" else "maximize"
+        natural = "maximize" if monitor_higher_is_better(self.metric) else "minimize"
         if self.direction not in (None, natural):
             raise ValueError(f"{self.metric} is to {natural}, not to {self.direction}")
         return self
 
     @property
     def goal(self) -> str:
-        return self.direction or ("minimize" if self.metric == "val_loss" else "maximize")
+        return self.direction or (
+            "maximize" if monitor_higher_is_better(self.metric) else "minimize"
+        )
 
     def distributions(self) -> dict[str, Any]:
         return {key: dim.distribution() for key, dim in self.space.items()}

@@ -21,14 +21,13 @@ import plotly.graph_objects as go
 import yaml
 from scipy import stats
 
-from stages.lib import noise
+from stages.lib import metric_registry, noise, paths
 from stages.lib.gitrepo import require_revisions
 from stages.lib.io import atomic_path
 from stages.lib.page import Page, render, table
 
-HISTORY_FILE = "plots/train/history.csv"
-SEED_PARAMS = ("train.seed", "params.yaml:train.seed")  # runs differing only here: seed noise
-MAIN_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "roc_auc")
+HISTORY_FILE = paths.HISTORY.as_posix()  # read from git revisions too
+SEED_PARAMS = ("train.seed", f"{paths.PARAMS}:train.seed")  # runs differing only here: seed noise
 SORT_JS = """
 document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click',
 () => { const body = th.closest('table').tBodies[0]; const asc = th.dataset.asc !== '1';
@@ -60,7 +59,7 @@ def load_experiments(
 
 def find_column(frame: pd.DataFrame, metric: str) -> str | None:
     """DVC names a metric `key` or, when ambiguous, `file:key`: find either."""
-    for name in (metric, f"metrics/evaluate.json:{metric}"):
+    for name in (metric, f"{paths.EVALUATE_METRICS.as_posix()}:{metric}"):
         if name in frame.columns:
             return name
     return None
@@ -69,7 +68,8 @@ def find_column(frame: pd.DataFrame, metric: str) -> str | None:
 def metric_column(frame: pd.DataFrame, metric: str) -> str:
     column = find_column(frame, metric)
     if column is None:
-        options = [c for c in frame.columns if c.split(":")[-1] in MAIN_METRICS]
+        main = metric_registry.compared_keys()
+        options = [c for c in frame.columns if c.split(":")[-1] in main]
         raise ValueError(f"metric {metric!r} not in the experiments; try one of {options}")
     return column
 
@@ -91,14 +91,14 @@ def param_keys(repo: Path) -> set[str]:
             else:
                 yield f"{prefix}{key}"
 
-    path = repo / "params.yaml"
+    path = repo / paths.PARAMS
     return set(flatten(yaml.safe_load(path.read_text()) or {})) if path.is_file() else set()
 
 
 def changed_params(frame: pd.DataFrame, keys: set[str]) -> list[str]:
     """Params columns (`key` or, when DVC disambiguates, `params.yaml:key`) whose values
     differ between experiments."""
-    params = [c for c in frame.columns if c.removeprefix("params.yaml:") in keys]
+    params = [c for c in frame.columns if c.removeprefix(f"{paths.PARAMS}:") in keys]
     return [c for c in params if frame[c].astype(str).nunique() > 1]
 
 
@@ -241,7 +241,7 @@ def build_page(frame: pd.DataFrame, repo: Path, metric: str, param: str | None) 
     page = Page()
     metric_col = metric_column(frame, metric)
     params = changed_params(frame, param_keys(repo))
-    metrics = [c for c in (find_column(frame, m) for m in MAIN_METRICS) if c]
+    metrics = [c for c in (find_column(frame, m) for m in metric_registry.compared_keys()) if c]
     page.section("experiments", "Experiments")
     page.add(
         f"<p>{len(frame)} runs; params that differ: "

@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib import metrics, noise, paths, spread, statistics
+from stages.lib import metric_registry, metrics, noise, paths, spread, statistics
 from stages.lib.errors import ToolFailed
 from stages.lib.gitrepo import require_revisions
 from stages.lib.io import read_csv
 
-KEYS = metrics.SUMMARY_KEYS
 DEFAULT_RESAMPLES = 1000  # when evaluate.bootstrap is 0 (no intervals in evaluate), not here
 
 
@@ -166,7 +165,7 @@ def compare(
     groups = statistics.patient_groups(patients)
     found = statistics.paired_bootstrap_draws(
         y, [probs(f) for f in base], [probs(f) for f in head], groups,
-        n_resamples or DEFAULT_RESAMPLES, seed, KEYS,
+        n_resamples or DEFAULT_RESAMPLES, seed, metric_registry.compared_keys(),
     )  # fmt: skip
     rows = {}
     for key, (base_values, head_values, draws) in found.items():
@@ -217,7 +216,7 @@ def unpaired(base: pd.DataFrame, head: pd.DataFrame, reason: str, level: float) 
             continue
         y, probs, _ = arrays(frame, columns)
         figures.append(metrics.summarize(y, probs))
-    for key in KEYS:
+    for key in metric_registry.compared_keys():
         b, h = (f.get(key) for f in figures)
         if b is not None and h is not None:
             rows[key] = {"base": round(b, 4), "head": round(h, 4), "difference": round(h - b, 4)}

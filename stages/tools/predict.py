@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from stages.lib import paths
 from stages.lib.checkpoint import ModelMeta
-from stages.lib.collect import visible
 from stages.lib.images import IMAGE_SUFFIXES, image_kind, prepare_image, read_image
 from stages.lib.inference import LoadedModel, load_model
 from stages.lib.io import atomic_path, safe_name, write_csv
 from stages.lib.labels import call_positive
 from stages.lib.params import EvaluateParams, PreprocessParams
-from stages.lib.paths import MODEL
+from stages.lib.sources.files import visible
 
 SHOWN_ROWS = 20
 
@@ -124,8 +124,8 @@ def write_cams(
 
 def run(
     paths: list[str],
-    model_file: Path = MODEL,
-    out_file: Path = Path("predictions.csv"),
+    model_file: Path = paths.MODEL,
+    out_file: Path = paths.PREDICT_OUTPUT,
     cam_dir: Path | None = None,
     batch_size: int = 64,
     tta: bool = EvaluateParams.model_fields["tta"].default,

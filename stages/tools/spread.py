@@ -29,7 +29,7 @@ from tqdm import tqdm
 from stages.lib import paths, spread
 from stages.lib.errors import ToolFailed
 from stages.lib.io import atomic_dir, read_csv, read_json, write_csv, write_json
-from stages.lib.metrics import SUMMARY_KEYS
+from stages.lib.metric_registry import compared_keys
 from stages.lib.parallel import core_slices, pin
 from stages.lib.params import Params
 
@@ -53,7 +53,7 @@ def workspace_is_current(repo: Path) -> bool:
 
 def figures(root: Path, seed: int) -> dict:
     values = read_json(root / paths.EVALUATE_METRICS)
-    row = {"seed": seed} | {k: values[k] for k in SUMMARY_KEYS if k in values}
+    row = {"seed": seed} | {k: values[k] for k in compared_keys() if k in values}
     detail = root / paths.TRAIN_DETAIL
     row["train_seconds"] = read_json(detail).get("train_seconds") if detail.is_file() else None
     return row
@@ -71,7 +71,7 @@ def train_one(seed: int, full: dict, repo: Path, work: Path, cores: list[int] | 
     (work / "data").symlink_to((repo / "data").resolve(), target_is_directory=True)
     values = json.loads(json.dumps(full))
     values["train"]["seed"] = seed
-    (work / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    (work / paths.PARAMS).write_text(yaml.safe_dump(values, sort_keys=False))
     log = work / "log.txt"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for stage in ("train", "evaluate"):
@@ -90,7 +90,7 @@ def train_one(seed: int, full: dict, repo: Path, work: Path, cores: list[int] | 
 def run(params: Params, seeds: int, jobs: int, repo: Path = Path(".")) -> str:
     """Record `seeds` trainings of the recipe; return the summary line."""
     start = time.perf_counter()
-    if not (repo / paths.PROCESSED / "meta.json").is_file():
+    if not (repo / paths.PROCESSED_META).is_file():
         raise FileNotFoundError(
             f"{paths.PROCESSED}: no prepared data; run `dvc repro` (or medpipe download, split, "
             "preprocess) before `medpipe spread`"

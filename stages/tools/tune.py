@@ -42,7 +42,7 @@ from stages.lib import noise, paths, tuning
 from stages.lib.errors import ToolFailed
 from stages.lib.gitrepo import require_revisions
 from stages.lib.io import atomic_path, read_json, write_json
-from stages.lib.metrics import SUMMARY_KEYS
+from stages.lib.metric_registry import compared_keys
 from stages.lib.page import Page, render, table
 from stages.lib.parallel import core_slices, pin
 from stages.lib.params import ParamsError, parse_params, read_yaml
@@ -52,15 +52,16 @@ from stages.tools.spread import workspace_is_current
 EXP_REF = re.compile(r"^refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/(.+)$")
 FAILURES_IN_A_ROW = 3  # then the search stops: the space or the data is wrong, not a trial
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+BASELINE = str(paths.PARAMS)  # the confirmation's label for the current params
 KILLED = (130, 137, 143)  # exit codes of a process ended by SIGINT, SIGKILL, SIGTERM
 
 
 def results_file(study: str, repo: Path = Path(".")) -> Path:
-    return repo / paths.TUNE_RESULTS / f"{study}.json"
+    return paths.tune_summary(study, repo / paths.TUNE_RESULTS)
 
 
 def page_file(study: str, repo: Path = Path(".")) -> Path:
-    return repo / paths.REPORTS / f"tune-{study}.html"
+    return paths.tune_report(study, repo / paths.REPORTS)
 
 
 # --- experiments in git ---------------------------------------------------------------------
@@ -110,7 +111,7 @@ def outcome(repo: Path, rev: str | None, metric: str) -> dict[str, Any]:
     evaluate_text = read_at(repo, rev, paths.EVALUATE_METRICS)
     if evaluate_text is not None:
         figures = json.loads(evaluate_text)
-        result["test"] = {k: figures[k] for k in SUMMARY_KEYS if k in figures}
+        result["test"] = {k: figures[k] for k in compared_keys() if k in figures}
     return result
 
 
@@ -406,14 +407,14 @@ def confirm(spec, study, repo: Path, jobs: int, params: dict) -> dict[str, Any]:
     if not settings:
         raise ToolFailed(f"tune: no trial of {spec.study} finished; nothing to confirm")
     if spec.confirm.baseline:
-        settings.append(("params.yaml", {}, None))
+        settings.append((BASELINE, {}, None))
     refs = experiment_refs(repo)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDPIPE_TUNE_")}
     runs: dict[tuple[str, int], str | None] = {}  # (setting, seed) -> commit
     todo = []
     # the baseline's first seed is the workspace's own run when `dvc status` finds it current
     if spec.confirm.baseline and workspace_is_current(repo):
-        runs["params.yaml", base_seed] = None
+        runs[BASELINE, base_seed] = None
     for label, values, trial in settings:
         for seed in seeds:
             if (label, seed) in runs:

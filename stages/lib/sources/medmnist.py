@@ -1,5 +1,6 @@
-"""MedMNIST-format array files (`{train,val,test}_{images,labels}` in one .npz) for the
-download stage: validated, kept as one uncompressed file, indexed by `file.npz#split/i`."""
+"""MedMNIST-format array files (`{train,val,test}_{images,labels}` in one .npz), the npz and
+medmnist sources: MedMNIST's own URL/MD5 table, the file validated, kept as one uncompressed
+file, indexed by `file.npz#split/i`."""
 
 from __future__ import annotations
 
@@ -12,15 +13,32 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.lib import fetch
+from stages.lib import paths
+from stages.lib.catalog import medmnist_flags, medmnist_info
 from stages.lib.images import thumbnail
-from stages.lib.io import LABEL_SEPARATOR, SPLITS, ZIP_DATE, npz_array
+from stages.lib.io import SPLITS, ZIP_DATE, npz_array
+from stages.lib.labels import LABEL_SEPARATOR
+from stages.lib.sources.remote import CHUNK
+
+
+def medmnist_source(flag: str, size: int) -> tuple[str, str]:
+    """(url, "md5:<hash>") of one MedMNIST file, from INFO (`url`/`MD5`, `url_64`/`MD5_64`...)."""
+    entry = medmnist_info().get(flag)
+    if entry is None or flag not in medmnist_flags():
+        raise ValueError(
+            f"data.flag: {flag!r} is not a 2D MedMNIST flag; one of {medmnist_flags()}"
+        )
+    suffix = "" if size == 28 else f"_{size}"
+    url, md5 = entry.get(f"url{suffix}"), entry.get(f"MD5{suffix}")
+    if not url or not md5:
+        raise ValueError(f"data.size: medmnist has no {size} px version of {flag}")
+    return url, f"md5:{md5}"
 
 
 def medmnist_entry(stem: str) -> dict | None:
     """medmnist INFO entry for a file named like `pneumoniamnist[_64].npz`, if any."""
     try:
-        return fetch.medmnist_info().get(stem.split("_")[0].lower())
+        return medmnist_info().get(stem.split("_")[0].lower())
     except ValueError:  # medmnist not installed
         return None
 
@@ -64,7 +82,7 @@ def place_npz(src: Path, dest: Path, link: bool) -> None:
                 for info in zf.infolist():
                     member = zipfile.ZipInfo(info.filename, date_time=ZIP_DATE)
                     with zf.open(info) as s, out.open(member, "w", force_zip64=True) as d:
-                        shutil.copyfileobj(s, d, fetch.CHUNK)
+                        shutil.copyfileobj(s, d, CHUNK)
             return
     if link:
         try:
@@ -93,7 +111,7 @@ def index_npz(
         classes = names if len(names) == width else [f"label_{i}" for i in range(width)]
     else:
         classes = names if len(names) >= width else [f"class_{i}" for i in range(width)]
-    place_npz(src, out / "source.npz", link)
+    place_npz(src, out / paths.MEDMNIST_NAME, link)
     rows, thumbs = [], []
     for split, lab in labels.items():
         if multilabel:
@@ -102,8 +120,11 @@ def index_npz(
             ]
         else:
             text = [classes[int(y)] for y in lab[:, 0]]
-        rows += [(f"source.npz#{split}/{i}", t, f"{split}-{i}", split) for i, t in enumerate(text)]
-        images = npz_array(out / "source.npz", f"{split}_images")
+        rows += [
+            (f"{paths.MEDMNIST_NAME}#{split}/{i}", t, f"{split}-{i}", split)
+            for i, t in enumerate(text)
+        ]
+        images = npz_array(out / paths.MEDMNIST_NAME, f"{split}_images")
         thumbs += [thumbnail(img) for img in tqdm(images, desc=f"{split} thumbnails", leave=False)]
     manifest = pd.DataFrame(rows, columns=["image", "label", "patient_id", "source_split"])
     task = "multilabel" if multilabel else "binary" if len(classes) == 2 else "multiclass"
