@@ -8,11 +8,12 @@ import pytest
 from sklearn import metrics as skm
 
 from stages import evaluate
-from stages.lib import figures, metric_registry, metrics, spread, statistics
+from stages.lib import figures, metric_registry, metrics, noise, spread, statistics
 from stages.lib.io import read_json, write_result
 from stages.lib.metric_registry import SINGLE, Metric
 from stages.lib.params import EvaluateParams, TrainParams
 from stages.tools import compare, diff
+from stages.tools.review import Gate
 
 
 def test_registry_agrees_with_the_functions_and_the_schema():
@@ -108,3 +109,27 @@ def test_the_slow_path_equals_the_metric_on_repeated_images(with_mcc):
         assert got["mcc"][row] == pytest.approx(mcc(y[idx], probs[idx].argmax(1), probs))
     with pytest.raises(ValueError, match="whole counts"):
         statistics.summarize_weighted(y, probs, np.full(30, 0.5), keys=("mcc",))
+
+
+def test_lower_is_better_metrics_are_judged_the_right_way():
+    assert not metric_registry.higher_is_better("metrics/evaluate.json:ece")
+    assert not metric_registry.higher_is_better("val_loss")
+    assert metric_registry.higher_is_better("val_f1_macro")
+    assert metric_registry.higher_is_better("metrics/explain.json:pointing_game")  # not registered
+    base, head = np.array([0.020, 0.021, 0.019]), np.array([0.060, 0.061, 0.059])
+    assert noise.judge(base, head, None).label == noise.BETTER_TRAINING_ONLY  # were it F1
+    assert noise.judge(base, head, None, higher_is_better=False).label == noise.WORSE_TRAINING_ONLY
+    # the gate: a rise of ECE beyond the tolerance is the drop it guards against
+    assert Gate("ece", 0.02, 0.08, 0.02).worsened and not Gate("ece", 0.08, 0.02, 0.02).worsened
+    assert Gate("f1_macro", 0.90, 0.80, 0.02).worsened
+    worse = Gate("ece", 0.02, 0.08, 0.02, verdict=noise.WORSE)
+    assert not worse.passed and Gate("ece", 0.08, 0.02, 0.02, verdict=noise.BETTER).passed
+    # compare ranks the lowest ECE first
+    rows = [
+        {"name": f"e{lr}-{s}", "rev": f"r{lr}{s}", "train.lr": lr, "train.seed": s, "ece": v}
+        for lr, values in {0.001: [0.05, 0.06, 0.055], 0.005: [0.02, 0.021, 0.019]}.items()
+        for s, v in enumerate(values)
+    ]
+    table = compare.seed_summary(pd.DataFrame(rows), ["train.lr", "train.seed"], "ece")
+    assert table["setting"].tolist() == ["0.005", "0.001"]
+    assert table["verdict"].tolist()[1].startswith("worse beyond training noise")

@@ -119,3 +119,16 @@ def monitor_higher_is_better(monitor: str) -> bool:
     if monitor == LOSS:
         return False
     return get(monitor.removeprefix("val_")).higher_is_better
+
+
+def higher_is_better(key: str) -> bool:
+    """The direction of any figure the comparison tools judge: `key`, `val_<key>` or
+    `file:key`. Registered metrics and the loss know theirs; other figures of the metrics
+    files (explain's pointing game, embed's silhouette) count as higher is better."""
+    name = key.rpartition(":")[2]
+    if name in (LOSS, "loss"):
+        return False
+    for metric in METRICS:
+        if name in (metric.name, f"val_{metric.name}"):
+            return metric.higher_is_better
+    return True

@@ -94,6 +94,7 @@ def judge(
     head: np.ndarray,
     draws: np.ndarray | None,
     level: float = 0.95,
+    higher_is_better: bool = True,
 ) -> Judgement:
     """The verdict on head - base for one metric.
 
@@ -105,6 +106,8 @@ def judge(
             upper (lower) bound is below (above) zero: one-sided tests, since the question
             is always "is it worse" (or "better"), never "is it different". Each interval
             [lower bound, upper bound] so covers 2 * level - 1 (90% for 0.95).
+        higher_is_better: the metric's direction (metric_registry): for ECE or a loss a
+            difference above zero is worse.
 
     The combined interval adds the two variances: the test part is the resamples' variance,
     the training part sd^2 (1/K + 1/M); its t quantile takes Welch-Satterthwaite degrees of
@@ -117,7 +120,7 @@ def judge(
         tail = (1 - level) * 100
         test_ci = [float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))]
         test_var = float(np.var(finite, ddof=1))
-    sign = "better" if difference > 0 else "worse"
+    sign = "better" if (difference > 0) == higher_is_better else "worse"
     if sd is None:
         if test_ci is None:
             return Judgement(difference, None, None, 0, None, NOT_JUDGED)

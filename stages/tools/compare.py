@@ -168,7 +168,10 @@ def seed_summary(frame: pd.DataFrame, params: list[str], metric_col: str) -> pd.
         mean, sd, half = mean_interval(runs)
         rows.append({"setting": name, "seeds": len(runs), "mean": mean, "sd": sd})
         rows[-1] |= {"ci_low": mean - half, "ci_high": mean + half}
-    summary = pd.DataFrame(rows).sort_values("mean", ascending=False, ignore_index=True)
+    # best first in the metric's direction (ECE: lowest); an interval of setting - best
+    # that excludes zero then says worse whichever the direction
+    higher = metric_registry.higher_is_better(metric_col)
+    summary = pd.DataFrame(rows).sort_values("mean", ascending=not higher, ignore_index=True)
     best_name = summary.loc[0, "setting"]
     best = groups[best_name]
     intervals = [

@@ -169,7 +169,8 @@ def compare(
     )  # fmt: skip
     rows = {}
     for key, (base_values, head_values, draws) in found.items():
-        judged = noise.judge(base_values, head_values, draws, level)
+        direction = metric_registry.higher_is_better(key)
+        judged = noise.judge(base_values, head_values, draws, level, direction)
         if judged.test_ci is None:  # undefined in every resample
             continue
         rows[key] = {

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lib import noise, paths
+from stages.lib import metric_registry, noise, paths
 from stages.lib.errors import ToolFailed
 from stages.lib.gitrepo import require_revisions
 from stages.lib.io import read_json
@@ -51,17 +51,26 @@ class Gate:
     def passed(self) -> bool:
         if self.old is None or self.new is None:
             return self.new is not None  # a new metric passes; a vanished one fails
-        dropped = self.new < self.old - self.tolerance
-        return not (dropped and self.verdict == noise.WORSE)  # beyond tolerance and both noises
+        return not (
+            self.worsened and self.verdict == noise.WORSE
+        )  # beyond tolerance and both noises
 
     @property
     def undecided(self) -> bool:
         """A drop beyond the tolerance that the gate cannot attribute (a noise not measured)."""
         if self.old is None or self.new is None:
             return False
-        dropped = self.new < self.old - self.tolerance
         explained = (noise.WORSE, noise.WITHIN_TEST, noise.WITHIN_TRAINING)
-        return dropped and self.verdict not in explained
+        return self.worsened and self.verdict not in explained
+
+    @property
+    def worsened(self) -> bool:
+        """Worse by more than the tolerance, in the metric's direction (a drop of F1, a
+        rise of ECE)."""
+        assert self.old is not None and self.new is not None
+        if metric_registry.higher_is_better(self.metric):
+            return self.new < self.old - self.tolerance
+        return self.new > self.old + self.tolerance
 
     def describe(self, level: float) -> str:
         if self.old is None and self.new is None:

@@ -42,7 +42,7 @@ from stages.lib import noise, paths, tuning
 from stages.lib.errors import ToolFailed
 from stages.lib.gitrepo import require_revisions
 from stages.lib.io import atomic_path, read_json, write_json
-from stages.lib.metric_registry import compared_keys
+from stages.lib.metric_registry import compared_keys, higher_is_better
 from stages.lib.page import Page, render, table
 from stages.lib.parallel import core_slices, pin
 from stages.lib.params import ParamsError, parse_params, read_yaml
@@ -488,10 +488,10 @@ def judge(rows: list[dict], spec: tuning.SearchSpec, gate: str) -> dict[str, Any
     versus = None
     if base is not None and base is not best and np.isfinite(best["test_mean"]):
         diff, _, _, ci = noise.training_interval(np.asarray(base["test"]), np.asarray(best["test"]))
-        label = noise.WITHIN_TRAINING
-        if ci is not None and ci[0] > 0:
+        label, up = noise.WITHIN_TRAINING, higher_is_better(gate)
+        if ci is not None and (ci[0] > 0 if up else ci[1] < 0):
             label = "better beyond training noise"
-        elif ci is not None and ci[1] < 0:
+        elif ci is not None and (ci[1] < 0 if up else ci[0] > 0):
             label = "worse beyond training noise"
         versus = {"metric": gate, "difference": diff, "interval": ci, "verdict": label}
     beyond = len(rows) > 1 and all(r["verdict"] != noise.WITHIN_TRAINING for r in rows[1:])
